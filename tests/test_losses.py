@@ -320,3 +320,17 @@ def test_shape_mismatches_name_the_shapes():
         losses.hard_negative_loss(s, s, s, s, image_ids=torch.arange(3))
     with pytest.raises(ValueError, match="built for dim 16"):
         losses.DSMDObjective(16, queue_size=4)(s, s, s, s)
+
+
+def test_half_precision_teacher_and_queue_are_cast_to_the_student_dtype():
+    student, teacher, queue = _unit(3, D).float(), torch.randn(3, D), torch.randn(K, D)
+    objective_queue = {"queue_img": queue.half(), "queue_txt": queue.half()}
+    got = losses.contrastive_loss(student, student, teacher.half(), teacher.half(), **objective_queue)
+    want = losses.contrastive_loss(
+        student, student, teacher.half().float(), teacher.half().float(), queue.half().float(), queue.half().float()
+    )
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    hinge = losses.hard_negative_loss(student, student, teacher.half(), teacher.half())
+    assert hinge.item() == pytest.approx(
+        losses.hard_negative_loss(student, student, teacher.half().float(), teacher.half().float()).item(), rel=1e-6
+    )

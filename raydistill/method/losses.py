@@ -4,8 +4,8 @@ Formulas follow shared/method/DSMD.md exactly. Conventions shared by every funct
 
 - Embeddings are ``[B, d]`` matrices; row i of the four inputs is caption-level sample i (its image and its
   caption). Student embeddings are used as given (the student's heads L2-normalise them); teacher
-  embeddings, including queue entries, are detached and re-normalised here, so no gradient ever reaches a
-  teacher tensor.
+  embeddings, including queue entries, are detached, cast to the student's dtype and re-normalised here,
+  so no gradient ever reaches a teacher tensor.
 - ``image_ids`` (``[B]`` integers) says which image each sample shows. ``None`` applies no masking (the
   reference code's behaviour). With ids, pairs of different samples that show the same image are removed
   from the negatives (the other captions of an image are not negatives of it).
@@ -45,9 +45,9 @@ def _check_image_ids(where: str, image_ids: torch.Tensor | None, batch: int, nam
         )
 
 
-def _teacher(t: torch.Tensor) -> torch.Tensor:
-    """Teacher embeddings as constants on the unit sphere."""
-    return F.normalize(t.detach(), dim=-1)
+def _teacher(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Teacher embeddings as constants on the unit sphere, in the student's dtype (a cache may hold fp16)."""
+    return F.normalize(t.detach().to(like.dtype), dim=-1)
 
 
 def _same_image_pairs(image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,7 +69,7 @@ def feature_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, 
         Scalar loss.
     """
     _check_embeddings("feature_loss", s_img=s_img, s_txt=s_txt, t_img=t_img, t_txt=t_txt)
-    return (s_img - _teacher(t_img)).abs().mean() + (s_txt - _teacher(t_txt)).abs().mean()
+    return (s_img - _teacher(t_img, s_img)).abs().mean() + (s_txt - _teacher(t_txt, s_txt)).abs().mean()
 
 
 def cosine_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def cosine_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t
     _check_embeddings("cosine_loss", s_img=s_img, s_txt=s_txt, t_img=t_img, t_txt=t_txt)
 
     def half(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        cos = F.cosine_similarity(student, _teacher(teacher), dim=-1)
+        cos = F.cosine_similarity(student, _teacher(teacher, student), dim=-1)
         return 1 - (cos.mean() + 1) / 2
 
     return half(s_img, t_img) + half(s_txt, t_txt)
@@ -172,8 +172,10 @@ def contrastive_loss(
         raise ValueError("contrastive_loss: image_ids given without queue_image_ids; pass both or neither")
     _check_image_ids("contrastive_loss", queue_image_ids, queue_img.shape[0], name="queue_image_ids")
     return _queue_infonce(
-        s_img, _teacher(t_img), _teacher(queue_img), temperature, image_ids, queue_image_ids
-    ) + _queue_infonce(s_txt, _teacher(t_txt), _teacher(queue_txt), temperature, image_ids, queue_image_ids)
+        s_img, _teacher(t_img, s_img), _teacher(queue_img, s_img), temperature, image_ids, queue_image_ids
+    ) + _queue_infonce(
+        s_txt, _teacher(t_txt, s_txt), _teacher(queue_txt, s_txt), temperature, image_ids, queue_image_ids
+    )
 
 
 def _max_violation_hinge(
@@ -225,7 +227,7 @@ def hard_negative_loss(
         excluded = torch.eye(batch, dtype=torch.bool, device=s_img.device)
     else:
         excluded = _same_image_pairs(image_ids, s_img.device)
-    t_img, t_txt = _teacher(t_img), _teacher(t_txt)
+    t_img, t_txt = _teacher(t_img, s_img), _teacher(t_txt, s_txt)
     return sum(
         _max_violation_hinge(a, b, margin, max_violation, excluded)
         for a, b in ((s_img, t_img), (s_txt, t_txt), (s_img, t_txt), (s_txt, t_img))
