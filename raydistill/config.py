@@ -1,0 +1,431 @@
+"""Typed experiment configuration: YAML files plus ``key.sub=value`` overrides, validated fail-fast.
+
+One experiment is one YAML file (see ``configs/``). :func:`load_config` reads it, applies command-line
+overrides, validates every field and every cross-field rule, and returns a :class:`Config`. Errors name the
+file, the key, the bad value and what is allowed, e.g.::
+
+    configs/quick.yaml: train.batch_size = -4: Input should be greater than 0
+
+Relative paths in a config resolve against the config file's folder, so a config runs from any directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "dump_config",
+    "DISTILL_TERMS",
+]
+
+DISTILL_TERMS = ("feature", "cosine", "contrastive", "hard_negative")
+BALANCER_KINDS = ("dsmd", "dsmd_rate", "fixed", "dwa", "uncertainty")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message says which and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    """Parameters of the embedded synthetic captioned-scenes dataset (``data.source: synth``)."""
+
+    n_images: int = Field(1500, gt=10, description="Number of generated images (all splits).")
+    image_size: int = Field(64, ge=16, le=512, description="Side of the generated square images, pixels.")
+    seed: int = Field(0, description="Generator seed: the same seed gives byte-identical files.")
+    min_captions: int = Field(3, ge=1, description="Fewest captions per image.")
+    max_captions: int = Field(5, ge=1, description="Most captions per image.")
+
+
+class CocoSplit(_Section):
+    """One split of an official COCO captions source."""
+
+    captions: str = Field(description="captions_*.json file of this split.")
+    images: str = Field(description="Folder holding this split's images (e.g. val2017/).")
+
+
+class DataConfig(_Section):
+    """Where the image-caption data comes from and how images are decoded."""
+
+    source: Literal["synth", "karpathy", "coco", "manifest", "webdataset"] = Field(
+        "synth", description="Source format: synth | karpathy | coco | manifest | webdataset."
+    )
+    path: str | None = Field(
+        None,
+        description="Karpathy/COCO JSON, manifest (.parquet/.jsonl) or shard pattern; local or s3:// gs://.",
+    )
+    image_root: str | None = Field(None, description="Folder (or URI) that image paths are relative to.")
+    coco_splits: dict[str, CocoSplit] = Field(
+        default_factory=dict,
+        description="COCO captions only: split name -> {captions: captions_*.json, images: folder}.",
+    )
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic dataset parameters.")
+    train_split: str = Field("train", description="Split the student trains on.")
+    val_split: str | None = Field("val", description="Split for per-epoch validation (null: none).")
+    test_split: str = Field("test", description="Split the final evaluation uses.")
+    decode_size: int = Field(
+        64, ge=8, le=1024, description="Images are decoded, resized (shorter side) and centre-cropped to this."
+    )
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="A corrupt or missing image: skip it and count it, or stop the run."
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="With on_bad_image=skip, stop if more than this share is bad."
+    )
+    max_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb limit (width x height).")
+    limit_images: int | None = Field(None, gt=0, description="Use only the first N images of each split.")
+
+
+class PoolConfig(_Section):
+    """Resources and placement of the teacher's Ray Data actor pool."""
+
+    min_size: int = Field(1, ge=1, description="Fewest teacher actors.")
+    max_size: int = Field(1, ge=1, description="Most teacher actors (autoscaling between min and max).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per teacher actor (0 on CPU-only machines).")
+    num_cpus: float = Field(1, gt=0, description="CPUs per teacher actor.")
+    batch_size: int = Field(64, gt=0, description="Images per teacher call (Ray Data batch).")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a teacher actor must land on, e.g. raydistill/role: teacher."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources per actor, e.g. {teacher_node: 1}."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolConfig:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        return self
+
+
+class TeacherConfig(_Section):
+    """The frozen teacher (see raydistill.models.teachers.load_teacher)."""
+
+    kind: Literal["raydistill", "beit3", "hf_clip", "open_clip", "demo"] = Field(
+        "demo", description="raydistill | beit3 | hf_clip | open_clip | demo (the embedded demo teacher)."
+    )
+    checkpoint: str | None = Field(None, description="Weights: a local file/folder (or a hub name/tag).")
+    tokenizer: str | None = Field(None, description="Tokenizer file/folder (BEiT-3: the beit3.spm file).")
+    size: str | None = Field(None, description="Architecture preset (BEiT-3: base | large) or model name.")
+    arch: dict[str, Any] = Field(default_factory=dict, description="Explicit architecture fields.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Inference dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the teacher runs.")
+    infer_batch_size: int = Field(64, gt=0, description="Mini-batch size inside one teacher call.")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor-pool resources and placement.")
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> TeacherConfig:
+        if self.kind != "demo" and not self.checkpoint:
+            raise ValueError(f"teacher.kind={self.kind} needs teacher.checkpoint (a local path or hub name)")
+        if self.kind == "beit3" and not self.tokenizer:
+            raise ValueError("teacher.kind=beit3 needs teacher.tokenizer (the beit3.spm SentencePiece file)")
+        return self
+
+
+class CacheConfig(_Section):
+    """How the students are fed: straight from the teacher pool, or from the Parquet embedding cache."""
+
+    mode: Literal["stream", "cache"] = Field(
+        "stream", description="stream: teacher pool feeds training; cache: read a complete cache only."
+    )
+    dir: str | None = Field(None, description="Cache folder (default <output_dir>/cache). Local or s3://.")
+    write_through: bool = Field(
+        True, description="stream mode: write embeddings to the cache on the first pass; later epochs hit it."
+    )
+
+
+class StudentConfig(_Section):
+    """The student dual encoder (see raydistill.models.student)."""
+
+    preset: str = Field("demo", description="Size preset: test | demo | tiny | small | base | demo_teacher.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder/vocab.txt/hub name; null: build WordPiece from training captions."
+    )
+    vocab_size: int = Field(4000, gt=10, description="Size of the WordPiece vocabulary built when tokenizer=null.")
+    vision_weights: str | None = Field(None, description="Pretrained image-tower weights (timm checkpoint file).")
+    text_weights: str | None = Field(None, description="Pretrained text-tower folder (Hugging Face format).")
+    max_len: int | None = Field(None, gt=2, description="Caption tokens (default: the preset's).")
+    embed_dim: int | None = Field(
+        None, gt=0, description="Output dimension; null: the teacher's (required for ground_truth runs)."
+    )
+
+
+class DistillConfig(_Section):
+    """The training objective: DSMD distillation, or ground-truth contrastive (baseline / teacher fitting)."""
+
+    objective: Literal["dsmd", "ground_truth"] = Field(
+        "dsmd", description="dsmd: the four distillation losses; ground_truth: image-text InfoNCE, no teacher."
+    )
+    terms: list[str] = Field(list(DISTILL_TERMS), description="Enabled DSMD terms (remove one to ablate it).")
+    temperature: float = Field(0.05, gt=0, description="Contrastive-distillation temperature tau.")
+    margin: float = Field(0.05, ge=0, description="Hard-negative hinge margin m.")
+    max_violation: bool = Field(True, description="Hard negative: hardest negative only (VSE++).")
+    mask_same_image: bool = Field(True, description="Drop same-image pairs from negatives (false: reference).")
+    queue_size: int = Field(8192, gt=0, description="Teacher-embedding queue length K.")
+    gt_temperature: float = Field(0.07, gt=0, description="ground_truth: initial temperature.")
+    gt_learnable_temperature: bool = Field(True, description="ground_truth: learn the temperature.")
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: list[str]) -> list[str]:
+        unknown = [t for t in terms if t not in DISTILL_TERMS]
+        if unknown:
+            raise ValueError(f"unknown term(s) {unknown}; allowed: {list(DISTILL_TERMS)}")
+        if not terms:
+            raise ValueError(f"at least one term is needed; allowed: {list(DISTILL_TERMS)}")
+        if len(set(terms)) != len(terms):
+            raise ValueError(f"duplicate terms in {terms}")
+        return terms
+
+
+class BalancerConfig(_Section):
+    """Loss balancer (see raydistill.method.balancers)."""
+
+    kind: Literal["dsmd", "dsmd_rate", "fixed", "dwa", "uncertainty"] = Field(
+        "dsmd", description="dsmd | dsmd_rate | fixed | dwa | uncertainty."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Balancer hyper-parameters, e.g. {k: 10, temperature: 1.0}."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation and the Ray Train worker group."""
+
+    steps: int | None = Field(None, gt=0, description="Total optimizer steps (wins over epochs).")
+    epochs: int = Field(1, gt=0, description="Passes over the training split when steps is null.")
+    batch_size: int = Field(128, gt=1, description="Caption-level samples per step, per worker.")
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR schedule after warm-up.")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    step_decay_at: float = Field(2 / 3, gt=0, lt=1, description="schedule=step: decay x0.1 at this share.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping).")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="Mixed precision (auto: bf16 on GPU).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="Workers on GPUs (auto: if any).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for workers.")
+    shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer (caption rows), 0: off.")
+    checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
+    log_every: int = Field(10, gt=0, description="Log losses/weights/throughput every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Validation RSUM every N steps (null: at the end).")
+    seed: int = Field(0, description="Seed for initialisation, shuffling and the queues.")
+
+
+class EvalConfig(_Section):
+    """Final retrieval evaluation."""
+
+    batch_size: int = Field(256, gt=0, description="Images/captions per student forward pass.")
+    chunk_size: int = Field(1024, gt=0, description="Similarity rows computed at once.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    enabled: bool = Field(True, description="Log to MLflow.")
+    uri: str | None = Field(None, description="Tracking URI; null: $MLFLOW_TRACKING_URI or <output_dir>/mlflow.db.")
+    experiment: str = Field("raydistill", description="MLflow experiment name.")
+
+
+class RayConfig(_Section):
+    """The Ray instance a run uses."""
+
+    address: str | None = Field(
+        None, description="null: connect to $RAY_ADDRESS or a running cluster, else start a local one."
+    )
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a local instance.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local instance.")
+    object_store_mb: int | None = Field(None, gt=50, description="Object store of a local instance, MiB.")
+    dashboard: bool = Field(
+        True, description="Start the dashboard (127.0.0.1) with a local instance; Train's cleanup needs its State API."
+    )
+    no_progress_timeout_s: float = Field(600, gt=0, description="Ray Data fails after this long without progress.")
+
+
+class Config(_Section):
+    """One experiment."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name (letters, digits, . _ -).")
+    output_dir: str = Field("raydistill_runs", description="Runs, checkpoints, cache and the default MLflow store.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    balancer: BalancerConfig = Field(default_factory=BalancerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        if self.data.source == "coco" and not self.data.coco_splits:
+            raise ValueError("data.source=coco needs data.coco_splits: {split: {captions: ..., images: ...}}")
+        if self.data.source not in ("synth", "coco") and not self.data.path:
+            raise ValueError(f"data.source={self.data.source} needs data.path")
+        if self.distill.objective == "ground_truth" and self.cache.mode == "cache":
+            raise ValueError("distill.objective=ground_truth uses no teacher, so cache.mode=cache has nothing to read")
+        if self.distill.objective == "ground_truth" and self.student.embed_dim is None:
+            raise ValueError("distill.objective=ground_truth needs student.embed_dim (there is no teacher to set it)")
+        if self.balancer.kind == "fixed" and isinstance(self.balancer.params.get("weights"), dict):
+            extra = set(self.balancer.params["weights"]) - set(self.distill.terms)
+            if extra:
+                raise ValueError(f"balancer.params.weights names terms not in distill.terms: {sorted(extra)}")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether this run needs teacher embeddings."""
+        return self.distill.objective == "dsmd"
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value as YAML (so 1e-3, true, [a, b], {k: 1} work); fall back to the raw text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``key.sub=value`` overrides applied.
+
+    Raises:
+        ConfigError: an override without ``=`` or one that descends into a non-mapping.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _format_errors(err: ValidationError, origin: str, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key {loc!r} (check the spelling; see the README's config reference)")
+            continue
+        value = e.get("input")
+        if isinstance(value, dict):
+            lines.append(f"{origin}: {loc}: {msg}")
+        else:
+            lines.append(f"{origin}: {loc} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+_PATH_KEYS = (
+    ("data", "path"),
+    ("data", "image_root"),
+    ("teacher", "checkpoint"),
+    ("teacher", "tokenizer"),
+    ("student", "tokenizer"),
+    ("student", "vision_weights"),
+    ("student", "text_weights"),
+    ("cache", "dir"),
+    ("output_dir",),
+)
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make relative local paths absolute against ``base`` (the config file's folder or the cwd)."""
+    for keys in _PATH_KEYS:
+        node: Any = cfg
+        for k in keys[:-1]:
+            node = getattr(node, k)
+        value = getattr(node, keys[-1])
+        if not value or _is_uri(value):
+            continue
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            candidate = base / p
+            # Hub names ("openai/clip-vit-base-patch32") are not paths: keep them unless they exist locally.
+            if keys[0] in ("teacher", "student") and not candidate.exists() and not value.startswith("."):
+                continue
+            p = candidate
+        setattr(node, keys[-1], str(p.resolve()))
+    for split in cfg.data.coco_splits.values():
+        for key in ("captions", "images"):
+            value = getattr(split, key)
+            if not _is_uri(value):
+                setattr(split, key, str((base / os.path.expanduser(value)).resolve()))
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a raw mapping into a :class:`Config`.
+
+    Args:
+        raw: the parsed YAML (after overrides).
+        origin: what to call the source in error messages (the file path).
+        base_dir: folder that relative paths resolve against; ``output_dir`` resolves against the cwd.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin, raw)) from None
+    out_dir = Path(os.path.expanduser(cfg.output_dir))
+    if not _is_uri(cfg.output_dir) and not out_dir.is_absolute():
+        cfg.output_dir = str((Path.cwd() / out_dir).resolve())
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a YAML config file.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown keys, bad values, contradictory settings.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, origin=str(p), base_dir=p.resolve().parent)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what is printed, saved with the run and logged)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

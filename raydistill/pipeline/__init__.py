@@ -1,0 +1,1 @@
+"""The Ray side of raydistill: teacher actor pool, embedding cache, Train worker loop, evaluation."""

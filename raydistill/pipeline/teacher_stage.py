@@ -1,0 +1,112 @@
+"""The teacher stage: a Ray Data actor pool that embeds each image once and each caption once per pass.
+
+:class:`TeacherEmbedder` is the callable class given to ``map_batches(compute=ActorPoolStrategy(...))``.
+It loads the teacher in the actor (from storage, never captured in a closure), and consults the embedding
+cache first: images already embedded are cache hits and skip the model entirely (the model is loaded only
+at the first miss), so epoch 2 onwards of a write-through stream, and every later run, never run the teacher
+again. New embeddings are written to the cache as one part file per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from raydistill.pipeline.cache import EmbeddingCache
+from raydistill.pipeline.counters import Counters
+
+
+def _text_or_none(value: Any) -> str | None:
+    return str(value) if isinstance(value, str) and value else None
+
+
+def _bytes_or_none(value: Any) -> bytes | None:
+    return bytes(value) if isinstance(value, (bytes, bytearray, np.bytes_)) and len(value) else None
+
+
+class TeacherEmbedder:
+    """Embed decoded image rows (``image`` uint8 [n, S, S, 3], ``captions``) with the frozen teacher.
+
+    Args:
+        teacher_spec: the dict given to :func:`raydistill.models.teachers.load_teacher`.
+        dim: the teacher's embedding dimension.
+        cache_uri: the embedding cache (None: no cache).
+        write_through: write new embeddings to the cache.
+        counters: the run's counters (images/captions embedded, cache hits/misses).
+    """
+
+    def __init__(
+        self,
+        teacher_spec: dict[str, Any],
+        dim: int,
+        cache_uri: str | None = None,
+        write_through: bool = True,
+        counters: Counters | None = None,
+    ) -> None:
+        self.spec = dict(teacher_spec)
+        self.dim = dim
+        self.cache = EmbeddingCache(cache_uri) if cache_uri else None
+        self.write_through = write_through and self.cache is not None
+        self.counters = counters
+        self.teacher = None
+        self.known = self.cache.load_embeddings() if self.cache is not None else {}
+
+    def _model(self):
+        if self.teacher is None:
+            from raydistill.models.teachers import load_teacher
+
+            self.teacher = load_teacher(self.spec)
+            if self.teacher.dim != self.dim:
+                raise ValueError(f"teacher {self.spec.get('checkpoint')} gives dimension {self.teacher.dim}, expected {self.dim}")
+        return self.teacher
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        t_img = np.zeros((n, self.dim), np.float32)
+        t_txt = np.empty(n, dtype=object)
+        miss = []
+        for i, image_id in enumerate(batch["image_id"]):
+            hit = self.known.get(str(image_id))
+            if hit is not None and len(hit[1]) == len(batch["captions"][i]):
+                t_img[i], t_txt[i] = hit
+            else:
+                miss.append(i)
+        n_captions = 0
+        seconds = 0.0
+        if miss:
+            start = time.perf_counter()
+            model = self._model()
+            idx = np.asarray(miss)
+            t_img[idx] = model.embed_images(batch["image"][idx])
+            captions = [str(c) for i in miss for c in batch["captions"][i]]
+            n_captions = len(captions)
+            flat = model.embed_texts(captions) if captions else np.zeros((0, self.dim), np.float32)
+            offset = 0
+            for i in miss:
+                k = len(batch["captions"][i])
+                t_txt[i] = np.asarray(flat[offset : offset + k], np.float32)
+                offset += k
+            seconds = time.perf_counter() - start
+            if self.write_through:
+                rows = {key: [batch[key][i] for i in miss] for key in ("image_id", "split", "captions", "caption_ids")}
+                rows["path"] = [_text_or_none(batch["path"][i]) for i in miss] if "path" in batch else [None] * len(miss)
+                rows["data"] = [_bytes_or_none(batch["data"][i]) for i in miss] if "data" in batch else None
+                rows["t_img"] = t_img[idx]
+                rows["t_txt"] = [t_txt[i] for i in miss]
+                self.cache.write_part(rows, self.dim)
+        if self.counters is not None:
+            self.counters.add_many(
+                {
+                    "teacher_images_embedded": len(miss),
+                    "teacher_captions_embedded": n_captions,
+                    "teacher_seconds": seconds,
+                    "cache_hits": n - len(miss),
+                    "cache_misses": len(miss),
+                }
+            )
+        out = {k: v for k, v in batch.items() if k != "data"}
+        out["t_img"] = t_img
+        out["t_txt"] = t_txt
+        return out

@@ -1,0 +1,351 @@
+"""The Ray Train worker loop: DSMD (or ground-truth contrastive) training of the student on one rank.
+
+Each worker reads its shard of the caption-level rows (``pixels``, ``input_ids``, ``attention_mask``,
+``image_key``, ``sample_key`` and, when distilling, ``t_img`` / ``t_txt``), runs the objective, the balancer
+and AdamW, and every ``checkpoint_every`` steps reports a checkpoint holding everything needed to resume
+exactly: student, optimizer, scheduler, objective (the teacher-embedding queues), balancer, step, epoch,
+RNG and the logged history. Training length is counted in optimizer steps, so a run restarted from a
+checkpoint (after a worker failure, or ``raydistill run --resume``) ends at the planned step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
+
+
+def lr_lambda(schedule: str, total: int, warmup: int, step_decay_at: float):
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine, step or constant."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        if schedule == "step":
+            return 0.1 if step >= int(step_decay_at * total) else 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    state["numpy"] = torch.from_numpy(np.random.get_state()[1].astype(np.int64))
+    state["numpy_pos"] = int(np.random.get_state()[2])
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def _sync_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients of parameters outside DDP (balancer, temperature) so ranks stay identical."""
+    from raydistill.method.distributed import all_reduce_mean, is_distributed
+
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(all_reduce_mean(p.grad))
+
+
+class Trainer:
+    """One rank's training state and step; used by :func:`train_loop` (and by benchmarks without Ray).
+
+    Args:
+        cfg: the resolved run config as a dict (``Config.model_dump()``).
+        embed_dim: output dimension (the teacher's, or ``student.embed_dim``).
+        vocab_size: the tokenizer's vocabulary size.
+        planned_steps: total optimizer steps.
+        device: where to train.
+    """
+
+    def __init__(self, cfg: dict[str, Any], embed_dim: int, vocab_size: int, planned_steps: int, device: torch.device,
+                 wrap_model=None) -> None:
+        from raydistill.method import balancers, losses
+        from raydistill.models.student import build_student
+
+        self.cfg = cfg
+        self.device = device
+        self.planned_steps = planned_steps
+        train, distill = cfg["train"], cfg["distill"]
+        torch.manual_seed(train["seed"])
+        overrides = {"max_len": cfg["student"]["max_len"]} if cfg["student"].get("max_len") else {}
+        model = build_student(
+            cfg["student"]["preset"],
+            embed_dim=embed_dim,
+            vocab_size=vocab_size,
+            vision_weights=cfg["student"].get("vision_weights"),
+            text_weights=cfg["student"].get("text_weights"),
+            **overrides,
+        ).to(device)
+        self.raw_model = model
+        self.model = wrap_model(model) if wrap_model else model
+        self.distill = distill["objective"] == "dsmd"
+        if self.distill:
+            self.objective = losses.DSMDObjective(
+                dim=embed_dim,
+                queue_size=distill["queue_size"],
+                temperature=distill["temperature"],
+                margin=distill["margin"],
+                max_violation=distill["max_violation"],
+                mask_same_image=distill["mask_same_image"],
+                terms=tuple(distill["terms"]),
+                seed=train["seed"],
+            ).to(device)
+            self.balancer = balancers.make_balancer(
+                cfg["balancer"]["kind"], names=list(distill["terms"]), **cfg["balancer"]["params"]
+            ).to(device)
+        else:
+            self.objective = losses.GroundTruthContrastive(
+                init_temperature=distill["gt_temperature"], learnable=distill["gt_learnable_temperature"]
+            ).to(device)
+            self.balancer = balancers.make_balancer("fixed", names=["contrastive_gt"]).to(device)
+        self.extra_params = [p for p in list(self.objective.parameters()) + list(self.balancer.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in self.model.parameters() if p.requires_grad]},
+             {"params": self.extra_params, "weight_decay": 0.0}],
+            lr=train["lr"],
+            weight_decay=train["weight_decay"],
+        )
+        warmup = int(train["warmup_fraction"] * planned_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train["schedule"], planned_steps, warmup, train["step_decay_at"])
+        )
+        amp = train["amp"]
+        if amp == "auto":
+            amp = "bf16" if device.type == "cuda" else "off"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        _set_rng_state(state["rng"])
+
+    def save(self, directory: Path) -> None:
+        """Write the full training state into ``directory`` (temporary names, then rename)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (STATE_FILE + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, directory / STATE_FILE)
+        (directory / (HISTORY_FILE + ".tmp")).write_text(json.dumps(self.history))
+        os.replace(directory / (HISTORY_FILE + ".tmp"), directory / HISTORY_FILE)
+
+    def restore(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+        history = directory / HISTORY_FILE
+        self.history = json.loads(history.read_text()) if history.is_file() else []
+
+    # ------------------------------------------------------------------------------- step
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on a caption-level batch; returns losses, weights and the learning rate."""
+        self.model.train()
+        pixels = self.raw_model.preprocess_images(batch["pixels"]).to(self.device, non_blocking=True)
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        image_ids = batch["image_key"].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            s_img, s_txt = self.model(pixels, input_ids, attention_mask)
+        s_img, s_txt = s_img.float(), s_txt.float()
+        if self.distill:
+            t_img = batch["t_img"].to(self.device).float()
+            t_txt = batch["t_txt"].to(self.device).float()
+            terms = self.objective(s_img, s_txt, t_img, t_txt, image_ids)
+        else:
+            terms = self.objective(s_img, s_txt, image_ids)
+        total, weights = self.balancer(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        _sync_grads(self.extra_params)
+        clip = self.cfg["train"]["grad_clip"]
+        if clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.distill:
+            self.objective.enqueue(t_img, t_txt, image_ids)
+        self.step += 1
+        out = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        out.update({f"weight/{k}": float(v) for k, v in weights.items()})
+        out["loss/total"] = float(total.detach())
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        return out
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """The function each Ray Train worker runs (``TorchTrainer(train_loop, train_loop_config=...)``).
+
+    ``config`` holds ``cfg`` (the resolved config dict), ``embed_dim``, ``vocab_size``, ``planned_steps``,
+    ``mlflow`` (tracking URI, experiment, run id or None), and optionally ``val`` (a Ray object ref of the
+    validation arrays) for periodic validation RSUM.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from raydistill.pipeline.evaluate import evaluate_student
+    from raydistill.pipeline.live_metrics import LiveMetrics
+
+    cfg = config["cfg"]
+    train = cfg["train"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved.
+    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+    seed = train["seed"]
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+
+    trainer = Trainer(
+        cfg, config["embed_dim"], config["vocab_size"], config["planned_steps"], device,
+        wrap_model=ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None,
+    )
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(Path(d))
+        resumed_from = trainer.step
+        if rank == 0:
+            print(f"[raydistill] resumed from step {trainer.step} (epoch {trainer.epoch})", flush=True)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow"):
+        from raydistill.tracking import Tracker
+
+        m = config["mlflow"]
+        tracker = Tracker(m["uri"], m["experiment"], run_id=m["run_id"], local_dir=Path(m["local_dir"]),
+                          flush_every=20)
+    live = LiveMetrics(run=cfg["name"]) if rank == 0 else None
+
+    val = ray.get(config["val"]) if config.get("val") is not None and rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    planned = trainer.planned_steps
+    batch_size = train["batch_size"]
+    log_every, ckpt_every, eval_every = train["log_every"], train["checkpoint_every"], train.get("eval_every")
+    pending: list[dict[str, float]] = []
+    window_start, window_samples = time.perf_counter(), 0
+    last_val: float | None = None
+
+    def report(with_checkpoint: bool, metrics: dict[str, float]) -> None:
+        metrics = dict(metrics, step=trainer.step, epoch=trainer.epoch)
+        if with_checkpoint:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    trainer.save(Path(d))
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+    while trainer.step < planned:
+        batches = shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=train["shuffle_buffer"] or None,
+            local_shuffle_seed=seed + 1000 * trainer.epoch + rank if train["shuffle_buffer"] else None,
+            device="cpu",
+        )
+        seen_any = False
+        for batch in batches:
+            seen_any = True
+            out = trainer.train_step(batch)
+            window_samples += batch_size
+            out["step"] = trainer.step
+            pending.append(out)
+            metrics: dict[str, float] = {}
+            if trainer.step % log_every == 0 or trainer.step == planned:
+                elapsed = time.perf_counter() - window_start
+                metrics = dict(out)
+                metrics["samples_per_s"] = window_samples * ctx.get_world_size() / max(elapsed, 1e-9)
+                metrics["step_time_s"] = elapsed / max(1, len(pending))
+                window_start, window_samples = time.perf_counter(), 0
+                trainer.history.append(
+                    {k: v for k, v in out.items() if k.startswith(("weight/", "loss/")) or k == "step"}
+                )
+            if eval_every and val is not None and trainer.step % eval_every == 0:
+                last_val = evaluate_student(trainer.raw_model, val, device, cfg["eval"])["rsum"]
+                trainer.history.append({"step": trainer.step, "val_rsum": last_val})
+                metrics["val_rsum"] = last_val
+            if rank == 0 and metrics:
+                if tracker is not None:
+                    for row in pending:
+                        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+                    extra = {k: v for k, v in metrics.items() if k in ("samples_per_s", "step_time_s", "val_rsum")}
+                    tracker.log_metrics(extra, step=trainer.step)
+                live.record(metrics)
+                pending = []
+                print(
+                    f"[raydistill] step {trainer.step}/{planned} loss {out['loss/total']:.4g} "
+                    f"lr {out['lr']:.2e} {metrics.get('samples_per_s', 0):.0f} samples/s", flush=True
+                )
+            elif metrics:
+                pending = []
+            if trainer.step % ckpt_every == 0 or trainer.step == planned:
+                report(True, metrics or {"loss/total": out["loss/total"]})
+            elif metrics:
+                report(False, metrics)
+            if trainer.step >= planned:
+                break
+        if not seen_any:
+            raise RuntimeError(
+                f"the training split gave no full batch of {batch_size} samples per worker; "
+                "lower train.batch_size or use more data"
+            )
+        if trainer.step < planned:
+            trainer.epoch += 1
+    if tracker is not None:
+        tracker.flush()
+    return {"steps": trainer.step, "resumed_from": resumed_from, "history": trainer.history, "val_rsum": last_val}

@@ -1,0 +1,40 @@
+"""Shared test fixtures: the real data samples beside the checkout, and seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("RAYDISTILL_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """`shared/data/real` beside the checkout (CI lays a copy of shared/ there)."""
+    path = _shared_dir() / "data" / "real"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"real test samples not found at {path}; set RAYDISTILL_SHARED to the shared/ folder"
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    try:
+        import torch
+
+        torch.manual_seed(0)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
