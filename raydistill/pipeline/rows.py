@@ -64,12 +64,12 @@ def decode_batch(
         name = str(path or batch["image_id"][i])
         try:
             if source is None:
-                raise BadImageError(f"image {batch['image_id'][i]!r} has neither a path nor bytes", reason="missing")
+                raise BadImageError(name, "missing", "the record has neither a path nor bytes")
             img = decode_image(source, max_pixels=max_pixels, name=name)
         except BadImageError as err:
             if on_bad_image == "fail":
                 raise BadImageError(
-                    f"{err} (data.on_bad_image=fail; set it to skip to drop bad images)", reason=err.reason
+                    err.name, err.reason, f"{err.detail} (data.on_bad_image=fail; set it to skip to drop bad images)"
                 ) from None
             bad[err.reason] = bad.get(err.reason, 0) + 1
             continue
@@ -96,9 +96,10 @@ def _check_bad_fraction(totals: Any, max_bad_fraction: float) -> None:
     seen = bad + good
     if seen >= 20 and bad > max_bad_fraction * seen:
         raise BadImageError(
+            "(dataset)",
+            "too_many_bad",
             f"{bad} of {seen} images could not be decoded, more than data.max_bad_fraction={max_bad_fraction}; "
             "check data.path / data.image_root, or raise the limit",
-            reason="too_many_bad",
         )
 
 

@@ -1,0 +1,114 @@
+"""Config loading: every shipped config validates; bad keys and values give errors that name them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydistill.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "quick.yaml", "demo-teacher.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} must start with a comment giving the command that runs it"
+    assert "raydistill " in text.splitlines()[0]
+    cfg = load_config(path)
+    # Round trip: the resolved config, dumped and re-read, is the same config.
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)), origin="dump")
+    assert again == cfg
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "quick.yaml", ["train.lr=2e-3", "train.steps=7", "distill.terms=[feature, cosine]",
+                                                        "teacher.pool.label_selector={raydistill/role: teacher}"])
+    assert cfg.train.lr == pytest.approx(2e-3)
+    assert cfg.train.steps == 7
+    assert cfg.distill.terms == ["feature", "cosine"]
+    assert cfg.teacher.pool.label_selector == {"raydistill/role": "teacher"}
+
+
+def test_apply_overrides_creates_sections_and_rejects_bad_syntax() -> None:
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.lr is not a section"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batch_sise: 12\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(p) in str(err.value)
+    assert "unknown key 'train.batch_sise'" in str(err.value)
+
+
+def test_bad_value_names_key_value_and_rule(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batch_size: -4\n")
+    with pytest.raises(ConfigError, match=r"train.batch_size = -4: Input should be greater than 1"):
+        load_config(p)
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"balancer.kind = 'magic'.*'dsmd', 'dsmd_rate', 'fixed', 'dwa' or 'uncertainty'"):
+        config_from_dict({"balancer": {"kind": "magic"}})
+    with pytest.raises(ConfigError, match=r"unknown term\(s\) \['pixel'\]"):
+        config_from_dict({"distill": {"terms": ["feature", "pixel"]}})
+
+
+def test_contradictory_settings_fail_fast() -> None:
+    with pytest.raises(ConfigError, match="ground_truth uses no teacher"):
+        config_from_dict({"distill": {"objective": "ground_truth"}, "student": {"embed_dim": 8}, "cache": {"mode": "cache"}})
+    with pytest.raises(ConfigError, match="needs student.embed_dim"):
+        config_from_dict({"distill": {"objective": "ground_truth"}})
+    with pytest.raises(ConfigError, match="needs teacher.checkpoint"):
+        config_from_dict({"teacher": {"kind": "hf_clip"}})
+    with pytest.raises(ConfigError, match="needs teacher.tokenizer"):
+        config_from_dict({"teacher": {"kind": "beit3", "checkpoint": "x.pth"}})
+    with pytest.raises(ConfigError, match="needs data.path"):
+        config_from_dict({"data": {"source": "karpathy"}})
+    with pytest.raises(ConfigError, match="max_size \\(1\\) must be >= min_size \\(2\\)"):
+        config_from_dict({"teacher": {"pool": {"min_size": 2, "max_size": 1}}})
+    with pytest.raises(ConfigError, match="not in distill.terms"):
+        config_from_dict({"distill": {"terms": ["feature"]}, "balancer": {"kind": "fixed", "params": {"weights": {"cosine": 1}}}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.json").write_text("{}")
+    p = tmp_path / "sub" / "c.yaml"
+    p.write_text("data:\n  source: karpathy\n  path: data.json\n  image_root: imgs\n")
+    cfg = load_config(p)
+    assert cfg.data.path == str((tmp_path / "sub" / "data.json").resolve())
+    assert cfg.data.image_root == str((tmp_path / "sub" / "imgs").resolve())
+    # Object-store URIs and hub names are kept as given.
+    p.write_text("data:\n  source: webdataset\n  path: s3://bucket/shards-{000..009}.tar\n"
+                 "teacher:\n  kind: hf_clip\n  checkpoint: openai/clip-vit-base-patch32\n")
+    cfg = load_config(p)
+    assert cfg.data.path == "s3://bucket/shards-{000..009}.tar"
+    assert cfg.teacher.checkpoint == "openai/clip-vit-base-patch32"
