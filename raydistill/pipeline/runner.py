@@ -246,8 +246,17 @@ def planned_steps(cfg: Config, n_train_captions: int) -> int:
 
 
 def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] | None = None,
-                   parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train one student end to end and return the run's summary (the `--json` object)."""
+                   parent_run_id: str | None = None, train_callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train one student end to end and return the run's summary (the `--json` object).
+
+    Args:
+        cfg: the validated config.
+        resume: a run name or folder to continue from its last checkpoint.
+        tags: MLflow tags of the run.
+        parent_run_id: MLflow parent run (a Tune sweep).
+        train_callbacks: ``ray.train.UserCallback`` objects for the Train ``RunConfig`` (e.g. Tune's
+            ``TuneReportCallback``, which forwards every reported metric, ``val_rsum`` included, to Tune).
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -333,6 +342,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
             storage_path=str(Path(cfg.output_dir) / "ray_train"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=train_callbacks or None,
         ),
         datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
