@@ -65,8 +65,9 @@ def test_real_bert_vocab_tokenises_like_bert_base_uncased(bert_vocab_file: Path)
         assert pieces == _naive_wordpiece(word, vocab)
 
 
-def test_load_tokenizer_accepts_a_vocab_file(bert_vocab_file: Path) -> None:
+def test_load_tokenizer_accepts_a_vocab_file_or_folder(bert_vocab_file: Path) -> None:
     assert load_tokenizer(bert_vocab_file)("a dog runs.")["input_ids"] == [101, 1037, 3899, 3216, 1012, 102]
+    assert load_tokenizer(bert_vocab_file.parent)("a dog runs.")["input_ids"] == [101, 1037, 3899, 3216, 1012, 102]
 
 
 def test_encode_texts_pads_and_truncates(bert_vocab_file: Path) -> None:

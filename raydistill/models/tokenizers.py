@@ -217,7 +217,8 @@ def load_tokenizer(path_or_name: str | Path, local_files_only: bool | None = Non
 
     Args:
         path_or_name: A directory written by ``save_pretrained`` (``tokenizer.json`` etc.), a WordPiece
-            ``vocab.txt`` file (loaded as an uncased BERT tokenizer), or a hub name such as
+            ``vocab.txt`` file or a directory holding only one (loaded as an uncased BERT
+            tokenizer), or a hub name such as
             ``"bert-base-uncased"``.
         local_files_only: For hub names: only use the local Hugging Face cache. Defaults to True
             when the ``HF_HUB_OFFLINE`` environment variable is set.
@@ -238,6 +239,9 @@ def load_tokenizer(path_or_name: str | Path, local_files_only: bool | None = Non
             raise ValueError(
                 f"{path} is not a tokenizer directory: it holds none of {list(_TOKENIZER_FILES)}"
             )
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            # A bare BERT vocabulary folder: transformers 5 cannot build a fast tokenizer from it.
+            return tokenizer_from_vocab(path / "vocab.txt", lowercase=True)
         try:
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as error:
