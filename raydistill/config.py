@@ -222,6 +222,9 @@ class TrainConfig(_Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for workers.")
     shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer (caption rows), 0: off.")
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoints: local folder or s3:// (multi-node: shared); default <output_dir>/ray_train."
+    )
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
@@ -356,6 +359,7 @@ _PATH_KEYS = (
     ("student", "vision_weights"),
     ("student", "text_weights"),
     ("cache", "dir"),
+    ("train", "storage_path"),
     ("output_dir",),
 )
 

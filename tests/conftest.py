@@ -11,6 +11,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray >= 2.59 turns token authentication on for local clusters; tests that start `ray start --head`
+# choose their mode explicitly, everything else runs with it off.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Embedded assets (synthetic data, demo teacher) of the tests go to a fresh folder, never ~/.cache.
+    if "RAYDISTILL_HOME" not in os.environ:
+        import tempfile
+
+        os.environ["RAYDISTILL_HOME"] = tempfile.mkdtemp(prefix="raydistill-test-home-")
+
 
 def _shared_dir() -> Path:
     env = os.environ.get("RAYDISTILL_SHARED")

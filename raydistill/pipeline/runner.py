@@ -318,6 +318,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
         image_rows = dsets.decoded(dsets.records_dataset(train_records), cfg, counters)
     train_ds = dsets.training_rows(image_rows, tokenizer, student_max_len(cfg), with_teacher=side is not None)
 
+    storage = cfg.train.storage_path or str(Path(cfg.output_dir) / "ray_train")
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     trainer = TorchTrainer(
@@ -330,6 +331,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
             "mlflow": {"uri": tracking_uri, "experiment": cfg.tracking.experiment, "run_id": tracker.run_id,
                        "local_dir": str(run_dir / "tracking")} if tracker.run_id else None,
             "val": ray.put(val) if val is not None else None,
+            "checkpoint_root": None if "://" in storage else f"{storage}/{run_name}",
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -339,7 +341,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(cfg.output_dir) / "ray_train"),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=train_callbacks or None,

@@ -223,6 +223,37 @@ class Trainer:
         return out
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest ``checkpoint_*`` folder under ``root`` whose training state loads (None if there is none)."""
+    if not root.is_dir():
+        return None
+    for candidate in sorted(root.glob("checkpoint_*"), reverse=True):
+        state = candidate / STATE_FILE
+        if not state.is_file():
+            continue
+        try:
+            torch.load(state, map_location="cpu", weights_only=True)
+        except Exception:  # a copy cut short: try the previous one
+            continue
+        return candidate
+    return None
+
+
+def _maybe_inject_fault(step: int) -> None:
+    """Fault injection for recovery tests and drills: ``RAYDISTILL_KILL_WORKER_AT=<step>:<marker file>``.
+
+    At that step the worker process dies abruptly (``os._exit``), once: the marker file records that it
+    happened, so the restarted worker group carries on.
+    """
+    spec = os.environ.get("RAYDISTILL_KILL_WORKER_AT")
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if step == int(at) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed at step {step}\n")
+        os._exit(1)
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """The function each Ray Train worker runs (``TorchTrainer(train_loop, train_loop_config=...)``).
 
@@ -256,6 +287,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.restore(Path(d))
+        resumed_from = trainer.step
+    elif config.get("checkpoint_root") and latest_checkpoint(Path(config["checkpoint_root"])) is not None:
+        # A worker that died right after reporting can leave a persisted checkpoint that the controller never
+        # registered; recover from the newest complete one rather than starting over.
+        trainer.restore(latest_checkpoint(Path(config["checkpoint_root"])))
         resumed_from = trainer.step
         if rank == 0:
             print(f"[raydistill] resumed from step {trainer.step} (epoch {trainer.epoch})", flush=True)
@@ -302,6 +338,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         for batch in batches:
             seen_any = True
             out = trainer.train_step(batch)
+            _maybe_inject_fault(trainer.step)
             window_samples += batch_size
             out["step"] = trainer.step
             pending.append(out)

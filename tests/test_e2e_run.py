@@ -1,0 +1,137 @@
+"""End to end on a real local Ray instance, a real MLflow SQLite store and real files.
+
+One Ray instance serves the module. Each run is tiny (a 0.05 M-parameter student, 120 synthetic images),
+so what is exercised is the machinery: teacher actor pool, cache, Ray Train, recovery, eval and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from e2e_helpers import TEACHER_DIM, make_tiny_teacher, tiny_config
+from raydistill.pipeline.cache import CacheError, EmbeddingCache
+from raydistill.pipeline.runner import embed, run_experiment
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("home")
+    os.environ["RAYDISTILL_HOME"] = str(home)
+    marker = home / "killed"
+    os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"4:{marker}"
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    teacher = make_tiny_teacher(home / "teacher")
+    yield {"home": home, "teacher": teacher, "marker": marker}
+    ray.shutdown()
+    os.environ.pop("RAYDISTILL_KILL_WORKER_AT", None)
+
+
+def _check_recall(metrics: dict[str, float]) -> None:
+    for key in RECALL_KEYS:
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["rsum"] == pytest.approx(sum(metrics[k] for k in RECALL_KEYS))
+    assert metrics["mean_recall"] == pytest.approx(metrics["rsum"] / 6)
+
+
+def test_stream_run_recovers_from_a_killed_worker_and_logs_everything(env, tmp_path: Path) -> None:
+    cfg = tiny_config(env["teacher"], tmp_path, steps=6)
+    summary = run_experiment(cfg)
+
+    # The worker process died at step 4 (after the step-3 checkpoint); the restarted group resumed at 3.
+    assert env["marker"].read_text().startswith("killed at step 4")
+    assert summary["planned_steps"] == 6 and summary["steps"] == 6
+    assert summary["resumed_from_step"] == 3
+
+    # The final checkpoint holds the whole training state, restored across the restart.
+    state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=True)
+    assert state["step"] == 6
+    balancer_state = state["balancer"]["_extra_state"]
+    assert balancer_state["step"] == 6  # the balancer saw all 6 steps, not 3 after the restart
+    queue_ptr = int(state["objective"]["queue_img.ptr"])
+    assert queue_ptr == (6 * 32) % 100  # 6 enqueues of 32 into a queue of 100: not (3 * 32) % 100
+
+    # The exported student loads and gives unit-norm embeddings of the teacher's dimension.
+    from raydistill.models.student import load_dual_encoder
+
+    model, tokenizer, extra = load_dual_encoder(summary["student_dir"])
+    pixels = model.preprocess_images(np.zeros((2, 48, 48, 3), np.uint8))
+    emb = model.encode_image(pixels)
+    assert emb.shape == (2, TEACHER_DIM)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    assert extra["step"] == 6
+
+    # Recall numbers are in range, for the student and the teacher's ceiling.
+    _check_recall(summary["metrics"]["student"])
+    _check_recall(summary["metrics"]["teacher"])
+
+    # The test split was embedded completely before training (the rest of the counting is the next test's).
+    counts = EmbeddingCache(summary["cache_dir"]).complete_splits()
+    assert summary["teacher_images_embedded"] >= counts["test"]["images"] > 0
+
+    # MLflow holds the params, the per-step losses and weights, the eval metrics and the artifacts.
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "6"
+    assert run.data.params["balancer.kind"] == "dsmd"
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss/contrastive")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) == 6
+    assert client.get_metric_history(summary["run_id"], "weight/hard_negative")[-1].step == 6
+    assert run.data.metrics["test/rsum"] == pytest.approx(summary["metrics"]["student"]["rsum"])
+    assert run.data.metrics["teacher_test/rsum"] == pytest.approx(summary["metrics"]["teacher"]["rsum"])
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"config.yaml", "recall_table.json", "balancer_weights.png", "student"} <= artifacts
+    table = json.loads((Path(summary["run_dir"]) / "recall_table.json").read_text())
+    assert table["student"]["rsum"] == pytest.approx(summary["metrics"]["student"]["rsum"])
+
+
+def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    # Two epochs of a 96-image training split: the first pass embeds and writes through, the second hits.
+    cfg = tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "train.steps=null",
+                                                       "train.epochs=2"], steps=1)
+    summary = run_experiment(cfg)
+    cache = EmbeddingCache(str(cache_dir))
+    done = cache.complete_splits()
+    assert set(done) == {"train", "test"}
+    n_images = done["train"]["images"] + done["test"]["images"]
+    n_captions = done["train"]["captions"] + done["test"]["captions"]
+    assert summary["teacher_images_embedded"] == n_images
+    assert summary["teacher_captions_embedded"] == n_captions
+    assert summary["cache_hits"] == done["train"]["images"]  # epoch 2 read every training image from the cache
+    assert summary["dataset_images"] == n_images and summary["dataset_captions"] == n_captions
+    assert summary["steps"] == summary["planned_steps"] == 2 * (done["train"]["captions"] // 32)
+
+    # embed on a complete cache does nothing; a cache-mode run never instantiates the teacher.
+    again = embed(cfg)
+    assert again["teacher_images_embedded"] == 0 and again["splits"]["train"] == done["train"]
+    cached = run_experiment(tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "cache.mode=cache"]))
+    assert cached["teacher_images_embedded"] == 0
+    assert cached["steps"] == 6
+    assert cached["metrics"]["teacher"]["rsum"] == pytest.approx(summary["metrics"]["teacher"]["rsum"])
+    _check_recall(cached["metrics"]["student"])
+
+    # A cache made with other preprocessing is refused, with the reason.
+    with pytest.raises(CacheError, match="stale.*preprocessing"):
+        run_experiment(tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "data.decode_size=40"]))
+
+
+def test_ground_truth_baseline_needs_no_teacher(env, tmp_path: Path) -> None:
+    cfg = tiny_config(env["teacher"], tmp_path, extra=["distill.objective=ground_truth", "student.embed_dim=16"])
+    summary = run_experiment(cfg)
+    assert summary["steps"] == 6
+    assert summary["teacher_images_embedded"] == 0 and summary["metrics"]["teacher"] is None
+    _check_recall(summary["metrics"]["student"])
