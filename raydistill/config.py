@@ -120,10 +120,13 @@ class TeacherConfig(_Section):
     )
     checkpoint: str | None = Field(None, description="Weights: a local file/folder (or a hub name/tag).")
     tokenizer: str | None = Field(None, description="Tokenizer file/folder (BEiT-3: the beit3.spm file).")
-    size: str | None = Field(None, description="Architecture preset (BEiT-3: base | large) or model name.")
-    arch: dict[str, Any] = Field(default_factory=dict, description="Explicit architecture fields.")
+    size: str | None = Field(None, description="Architecture preset (BEiT-3: base | large).")
+    arch: dict[str, Any] | str | None = Field(
+        None, description="BEiT-3: EncoderConfig fields overriding the preset; open_clip: the model name or config JSON."
+    )
+    max_len: int | None = Field(None, gt=2, description="Caption tokens (BEiT-3 default 64; HF CLIP: the model's).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Inference dtype.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the teacher runs.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N.")
     infer_batch_size: int = Field(64, gt=0, description="Mini-batch size inside one teacher call.")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor-pool resources and placement.")
 

@@ -76,6 +76,8 @@ def teacher_spec(cfg: Config) -> dict[str, Any]:
         spec["size"] = t.size
     if t.arch:
         spec["arch"] = t.arch
+    if t.max_len:
+        spec["max_len"] = t.max_len
     return {k: v for k, v in spec.items() if v is not None}
 
 
