@@ -19,6 +19,10 @@ from pathlib import Path
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_TEACHER_CONFIG = "demo-teacher.yaml"
+# The checkpoint `raydistill run configs/demo-teacher.yaml` produced, shipped so the demo fits in its time
+# budget on 2 cores. SOURCE.json records the config's sha256: edit the config and the shipped copy is ignored
+# (the teacher is fitted again on first use).
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "demo-teacher"
 
 
 def config_path(name: str) -> Path:
@@ -33,14 +37,32 @@ def raydistill_home() -> Path:
     return Path(os.environ.get("RAYDISTILL_HOME", Path.home() / ".cache" / "raydistill"))
 
 
+def demo_teacher_config_sha256() -> str:
+    return hashlib.sha256(config_path(DEMO_TEACHER_CONFIG).read_bytes()).hexdigest()
+
+
 def demo_teacher_dir() -> Path:
-    """Where the demo teacher for the current ``configs/demo-teacher.yaml`` lives (whether or not it exists)."""
-    digest = hashlib.sha256(config_path(DEMO_TEACHER_CONFIG).read_bytes()).hexdigest()[:16]
-    return raydistill_home() / "demo-teacher" / digest
+    """Where a locally fitted demo teacher for the current ``configs/demo-teacher.yaml`` lives."""
+    return raydistill_home() / "demo-teacher" / demo_teacher_config_sha256()[:16]
+
+
+def shipped_demo_teacher() -> Path | None:
+    """The shipped checkpoint, if it was made from the current ``configs/demo-teacher.yaml``."""
+    source = SHIPPED_TEACHER / "SOURCE.json"
+    if not source.is_file():
+        return None
+    import json
+
+    if json.loads(source.read_text()).get("config_sha256") != demo_teacher_config_sha256():
+        return None
+    return SHIPPED_TEACHER
 
 
 def ensure_demo_teacher() -> Path:
-    """The exported demo teacher, fitted first (a few minutes on 2 cores) if it is not there yet."""
+    """The demo teacher: the shipped checkpoint, a locally fitted one, or one fitted now (first use only)."""
+    shipped = shipped_demo_teacher()
+    if shipped is not None:
+        return shipped
     target = demo_teacher_dir()
     if (target / "config.json").is_file():
         return target

@@ -30,7 +30,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     os.environ["RAYDISTILL_HOME"] = str(home)
     marker = home / "killed"
     os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"4:{marker}"
-    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=6, include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     teacher = make_tiny_teacher(home / "teacher")

@@ -30,6 +30,13 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        arr[i] = item
+    return arr
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     size: int,
@@ -83,6 +90,9 @@ def decode_batch(
         )
         _check_bad_fraction(totals, max_bad_fraction)
     out = {k: v[keep] for k, v in batch.items()}
+    for key in ("captions", "caption_ids"):
+        # Plain lists of str convert to Arrow list<string>; numpy string arrays inside objects do not.
+        out[key] = _object_array([[str(c) for c in _as_list(x)] for x in out[key]])
     out["image"] = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return out
 

@@ -1,0 +1,39 @@
+"""`raydistill demo --quick --json` from a fresh working directory: the embedded product end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
+    env = dict(os.environ, RAYDISTILL_HOME=os.environ["RAYDISTILL_HOME"], PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "raydistill.cli", "demo", "--quick", "--json", "--output-dir", str(tmp_path / "demo")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for arm in ("teacher", "distilled", "baseline"):
+        row = summary[arm]
+        assert all(0 <= row[k] <= 100 for k in KEYS)
+        assert row["rsum"] == pytest.approx(sum(row[k] for k in KEYS))
+    assert summary["teacher"]["params"] > 5 * summary["distilled"]["params"]
+    assert summary["distilled"]["params"] == summary["baseline"]["params"]
+    assert summary["mlflow_tracking_uri"].startswith("sqlite:////")
+    assert Path(summary["plot"]).is_file()
+    # The table and the MLflow hint reach the user.
+    assert "distilled student" in proc.stderr and "mlflow ui --backend-store-uri" in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    for run_id in summary["runs"]["distilled"] + summary["runs"]["baseline"]:
+        assert client.get_run(run_id).data.metrics["test/rsum"] >= 0
