@@ -11,8 +11,10 @@ Relative paths in a config resolve against the config file's folder, so a config
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,6 +237,13 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, gt=0, description="Validation RSUM every N steps (null: at the end).")
     seed: int = Field(0, description="Seed for initialisation, shuffling and the queues.")
 
+    @field_validator("amp", "use_gpu", mode="before")
+    @classmethod
+    def _yaml_words(cls, value: Any, info: Any) -> Any:
+        # YAML 1.1 reads `amp: off` and `use_gpu: yes|no` as booleans: give back the words that were written.
+        words = {("amp", False): "off", ("use_gpu", True): "yes", ("use_gpu", False): "no"}
+        return words.get((info.field_name, value), value) if isinstance(value, bool) else value
+
 
 class EvalConfig(_Section):
     """Final retrieval evaluation."""
@@ -321,6 +330,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     Raises:
         ConfigError: an override without ``=`` or one that descends into a non-mapping.
     """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"overrides apply to a mapping of sections, got {type(raw).__name__}")
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
@@ -371,8 +382,12 @@ def _is_uri(value: str) -> bool:
     return "://" in value
 
 
-def _resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make relative local paths absolute against ``base`` (the config file's folder or the cwd)."""
+def _resolve_paths(cfg: Config, base: Path, origin: str) -> Config:
+    """Make relative local paths absolute against ``base`` (the config file's folder or the cwd).
+
+    Raises:
+        ConfigError: a value the operating system cannot take as a path (a NUL byte, a name too long).
+    """
     for keys in _PATH_KEYS:
         node: Any = cfg
         for k in keys[:-1]:
@@ -380,20 +395,32 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         value = getattr(node, keys[-1])
         if not value or _is_uri(value):
             continue
-        p = Path(os.path.expanduser(value))
-        if not p.is_absolute():
-            candidate = base / p
-            # Hub names ("openai/clip-vit-base-patch32") are not paths: keep them unless they exist locally.
-            if keys[0] in ("teacher", "student") and not candidate.exists() and not value.startswith("."):
-                continue
-            p = candidate
-        setattr(node, keys[-1], str(p.resolve()))
-    for split in cfg.data.coco_splits.values():
+        with _usable_path(origin, ".".join(keys), value):
+            p = Path(os.path.expanduser(value))
+            if not p.is_absolute():
+                candidate = base / p
+                # Hub names ("openai/clip-vit-base-patch32") are not paths: keep them unless they exist locally.
+                if keys[0] in ("teacher", "student") and not candidate.exists() and not value.startswith("."):
+                    continue
+                p = candidate
+            setattr(node, keys[-1], str(p.resolve()))
+    for name, split in cfg.data.coco_splits.items():
         for key in ("captions", "images"):
             value = getattr(split, key)
             if not _is_uri(value):
-                setattr(split, key, str((base / os.path.expanduser(value)).resolve()))
+                with _usable_path(origin, f"data.coco_splits.{name}.{key}", value):
+                    setattr(split, key, str((base / os.path.expanduser(value)).resolve()))
     return cfg
+
+
+@contextlib.contextmanager
+def _usable_path(origin: str, key: str, value: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise ConfigError(f"{origin}: {key} = {shown!r}: not a usable path ({err.__class__.__name__}: "
+                          f"{getattr(err, 'strerror', None) or err})") from None
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -410,10 +437,11 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Pa
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin, raw)) from None
-    out_dir = Path(os.path.expanduser(cfg.output_dir))
-    if not _is_uri(cfg.output_dir) and not out_dir.is_absolute():
-        cfg.output_dir = str((Path.cwd() / out_dir).resolve())
-    return _resolve_paths(cfg, base_dir or Path.cwd())
+    with _usable_path(origin, "output_dir", cfg.output_dir):
+        out_dir = Path(os.path.expanduser(cfg.output_dir))
+        if not _is_uri(cfg.output_dir) and not out_dir.is_absolute():
+            cfg.output_dir = str((Path.cwd() / out_dir).resolve())
+    return _resolve_paths(cfg, base_dir or Path.cwd(), origin)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
@@ -429,6 +457,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, origin=str(p), base_dir=p.resolve().parent)
 

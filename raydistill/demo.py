@@ -43,9 +43,15 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     start = time.perf_counter()
     output_dir = str(Path(output_dir).resolve())
     n_seeds = seeds or 1
+    from raydistill.demo_assets import ensure_demo_teacher
+    from raydistill.pipeline.runner import init_ray
+
+    init_ray(load_config(config_path("demo.yaml")))
+    teacher_dir = ensure_demo_teacher(quick=quick)
+    log(f"[demo] teacher: {teacher_dir}")
     distilled_runs, baseline_runs = [], []
     for seed in range(n_seeds):
-        base = _arm_overrides(quick, output_dir, seed)
+        base = _arm_overrides(quick, output_dir, seed) + ["teacher.kind=raydistill", f"teacher.checkpoint={teacher_dir}"]
         log(f"[demo] seed {seed}: distilled student (DSMD, lr {DISTILLED_LR:g})")
         cfg = load_config(config_path("demo.yaml"), base + [f"train.lr={DISTILLED_LR}", "name=demo-dsmd"])
         distilled_runs.append(run_experiment(cfg, tags={"demo.arm": "distilled", "demo.seed": str(seed)}))
@@ -58,7 +64,7 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
         )
         baseline_runs.append(run_experiment(cfg, tags={"demo.arm": "baseline", "demo.seed": str(seed)}))
 
-    teacher = _row(distilled_runs[0]["metrics"]["teacher"], params=_teacher_params(distilled_runs[0]))
+    teacher = _row(distilled_runs[0]["metrics"]["teacher"], params=_teacher_params(teacher_dir))
     distilled = _arm(distilled_runs)
     baseline = _arm(baseline_runs)
     plot = Path(output_dir) / "demo_rsum_curves.png"
@@ -86,11 +92,10 @@ def _embed_dim(summary: dict[str, Any]) -> int:
     return int(cfg["student"]["embed_dim"])
 
 
-def _teacher_params(summary: dict[str, Any]) -> int | None:
-    from raydistill.demo_assets import ensure_demo_teacher
+def _teacher_params(teacher_dir: Path) -> int:
     from raydistill.models.student import load_dual_encoder
 
-    model, _, _ = load_dual_encoder(ensure_demo_teacher())
+    model, _, _ = load_dual_encoder(teacher_dir)
     return int(model.num_parameters())
 
 

@@ -41,9 +41,14 @@ def demo_teacher_config_sha256() -> str:
     return hashlib.sha256(config_path(DEMO_TEACHER_CONFIG).read_bytes()).hexdigest()
 
 
-def demo_teacher_dir() -> Path:
+# `raydistill demo --quick` fits a smoke-test teacher in a fraction of the steps when no full one exists.
+QUICK_TEACHER_OVERRIDES = ["train.steps=60", "train.checkpoint_every=60"]
+
+
+def demo_teacher_dir(quick: bool = False) -> Path:
     """Where a locally fitted demo teacher for the current ``configs/demo-teacher.yaml`` lives."""
-    return raydistill_home() / "demo-teacher" / demo_teacher_config_sha256()[:16]
+    suffix = "-quick" if quick else ""
+    return raydistill_home() / "demo-teacher" / (demo_teacher_config_sha256()[:16] + suffix)
 
 
 def shipped_demo_teacher() -> Path | None:
@@ -58,12 +63,19 @@ def shipped_demo_teacher() -> Path | None:
     return SHIPPED_TEACHER
 
 
-def ensure_demo_teacher() -> Path:
-    """The demo teacher: the shipped checkpoint, a locally fitted one, or one fitted now (first use only)."""
+def ensure_demo_teacher(quick: bool = False) -> Path:
+    """The demo teacher: the shipped checkpoint, a locally fitted one, or one fitted now (first use only).
+
+    Args:
+        quick: accept (and, if needed, fit) the smoke-test teacher of `raydistill demo --quick` when no full
+            demo teacher exists yet.
+    """
     shipped = shipped_demo_teacher()
     if shipped is not None:
         return shipped
-    target = demo_teacher_dir()
+    if (demo_teacher_dir() / "config.json").is_file():
+        return demo_teacher_dir()
+    target = demo_teacher_dir(quick)
     if (target / "config.json").is_file():
         return target
     from raydistill.config import load_config
@@ -71,7 +83,8 @@ def ensure_demo_teacher() -> Path:
 
     print("[raydistill] fitting the demo teacher on the synthetic scenes (first use only; "
           "`raydistill run configs/demo-teacher.yaml` does the same)", file=sys.stderr, flush=True)
-    cfg = load_config(config_path(DEMO_TEACHER_CONFIG), [f"output_dir={raydistill_home() / 'demo-teacher-runs'}"])
+    overrides = [f"output_dir={raydistill_home() / 'demo-teacher-runs'}"] + (QUICK_TEACHER_OVERRIDES if quick else [])
+    cfg = load_config(config_path(DEMO_TEACHER_CONFIG), overrides)
     summary = run_experiment(cfg)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

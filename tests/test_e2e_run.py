@@ -115,9 +115,12 @@ def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path
     assert summary["dataset_images"] == n_images and summary["dataset_captions"] == n_captions
     assert summary["steps"] == summary["planned_steps"] == 2 * (done["train"]["captions"] // 32)
 
-    # embed on a complete cache does nothing; a cache-mode run never instantiates the teacher.
+    # embed resumes: train and test are complete, so only the validation split (never used by the run) is new.
     again = embed(cfg)
-    assert again["teacher_images_embedded"] == 0 and again["splits"]["train"] == done["train"]
+    assert again["splits"]["train"] == done["train"] and again["splits"]["test"] == done["test"]
+    assert again["teacher_images_embedded"] == again["splits"]["val"]["images"] > 0
+    assert embed(cfg)["teacher_images_embedded"] == 0
+    # A cache-mode run never instantiates the teacher.
     cached = run_experiment(tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "cache.mode=cache"]))
     assert cached["teacher_images_embedded"] == 0
     assert cached["steps"] == 6

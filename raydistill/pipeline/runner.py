@@ -11,12 +11,13 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from raydistill.config import Config, config_from_dict, dump_config
+from raydistill.config import Config, ConfigError, config_from_dict, dump_config
 from raydistill.pipeline import datasets as dsets
 from raydistill.pipeline.cache import CacheError, EmbeddingCache, make_fingerprint
 from raydistill.pipeline.counters import Counters
@@ -247,6 +248,51 @@ def planned_steps(cfg: Config, n_train_captions: int) -> int:
     return cfg.train.epochs * per_epoch
 
 
+def train_storage(cfg: Config) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``train.storage_path`` or ``<output_dir>/ray_train``."""
+    return cfg.train.storage_path or str(Path(cfg.output_dir) / "ray_train")
+
+
+def require_writable(folder: str, key: str) -> None:
+    """Fail fast, naming the config key, when a local output folder cannot be written.
+
+    Writes and removes a probe file (permission bits alone say nothing for root, read-only mounts or a full
+    disk). Object-store URIs are left to the run: probing them would need credentials here.
+
+    Raises:
+        ConfigError: the folder cannot be created or written, with the reason.
+    """
+    if "://" in folder:
+        return
+    path = Path(folder)
+    probe = path / f".raydistill-write-probe-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={folder}: cannot write there ({err.strerror or err}); point {key} at a writable folder"
+        ) from None
+
+
+def ingest_options(cfg: Config) -> Any:
+    """Ray Data options of the training stream: with ``train.shuffle_buffer=0``, a fixed row order.
+
+    Without a shuffle buffer a run is exactly reproducible (one worker): rows reach the worker in record
+    order (``preserve_order``), and a resumed worker skips the batches of its epoch trained on before the
+    checkpoint, so a run restarted after a failure ends in the same state as one never interrupted. None:
+    Train's defaults (the driver's ``DataContext``), where blocks flow in whatever order they finish.
+    """
+    if cfg.train.shuffle_buffer:
+        return None
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] | None = None,
                    parent_run_id: str | None = None, train_callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train one student end to end and return the run's summary (the `--json` object).
@@ -266,6 +312,9 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
     from raydistill.pipeline.train_loop import train_loop
     from raydistill.tracking import Tracker, flatten_config, resolve_tracking_uri
 
+    # Before anything is written or started: a run must be able to save its outputs and checkpoints.
+    require_writable(cfg.output_dir, "output_dir")
+    require_writable(train_storage(cfg), "train.storage_path")
     run_name, run_dir = new_run_dir(cfg, resume)
     if resume:
         cfg = load_run_config(run_dir)
@@ -320,7 +369,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
         image_rows = dsets.decoded(dsets.records_dataset(train_records), cfg, counters)
     train_ds = dsets.training_rows(image_rows, tokenizer, student_max_len(cfg), with_teacher=side is not None)
 
-    storage = cfg.train.storage_path or str(Path(cfg.output_dir) / "ray_train")
+    storage = train_storage(cfg)
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     trainer = TorchTrainer(
@@ -349,7 +398,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
             callbacks=train_callbacks or None,
         ),
         datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
     )
     log(f"training {cfg.student.preset} student for {steps} steps on {cfg.train.num_workers} worker(s)"
         f"{' (GPU)' if use_gpu else ''}, objective {cfg.distill.objective}")

@@ -9,7 +9,9 @@ again. New embeddings are written to the cache as one part file per batch.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,22 @@ def _text_or_none(value: Any) -> str | None:
 
 def _bytes_or_none(value: Any) -> bytes | None:
     return bytes(value) if isinstance(value, (bytes, bytearray, np.bytes_)) and len(value) else None
+
+
+def _maybe_inject_fault(parts_written: int) -> None:
+    """Fault injection for recovery tests and drills: ``RAYDISTILL_KILL_TEACHER_AT=<n>:<marker file>``.
+
+    Right after an actor has written (and counted) its n-th cache part of a pass, it dies abruptly, once
+    (the marker file records it). The batch's result is lost, so Ray Data restarts the actor and retries
+    the batch; the new actor reads the cache first, so the retry is a cache hit and nothing is embedded twice.
+    """
+    spec = os.environ.get("RAYDISTILL_KILL_TEACHER_AT")
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if parts_written == int(at) and not os.path.exists(marker):
+        Path(marker).write_text(f"teacher actor killed after writing part {parts_written}\n")
+        os._exit(1)
 
 
 class TeacherEmbedder:
@@ -52,6 +70,7 @@ class TeacherEmbedder:
         self.counters = counters
         self.teacher = None
         self.known = self.cache.load_embeddings() if self.cache is not None else {}
+        self.parts_written = 0
 
     def _model(self):
         if self.teacher is None:
@@ -96,6 +115,7 @@ class TeacherEmbedder:
                 rows["t_img"] = t_img[idx]
                 rows["t_txt"] = [t_txt[i] for i in miss]
                 self.cache.write_part(rows, self.dim)
+                self.parts_written += 1
         if self.counters is not None:
             self.counters.add_many(
                 {
@@ -106,6 +126,7 @@ class TeacherEmbedder:
                     "cache_misses": len(miss),
                 }
             )
+        _maybe_inject_fault(self.parts_written)
         out = {k: v for k, v in batch.items() if k != "data"}
         out["t_img"] = t_img
         out["t_txt"] = t_txt

@@ -10,12 +10,14 @@ checkpoint (after a worker failure, or ``raydistill run --resume``) ends at the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write`` on a temporary name beside ``path``, then rename it; on failure remove the temporary file.
+
+    Raises:
+        OSError: naming ``path`` and the reason (torch reports a full disk as a RuntimeError; both are caught).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the training checkpoint {path}: {err}") from err
 
 
 def _sync_grads(params: list[torch.nn.Parameter]) -> None:
@@ -136,6 +154,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.step = 0
         self.epoch = 0
+        # The step at which the current epoch began: a resumed worker skips the batches of this epoch that
+        # were trained on before the checkpoint (step - epoch_start_step), so epochs keep their length.
+        self.epoch_start_step = 0
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------------------- state
@@ -148,6 +169,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
+            "epoch_start_step": self.epoch_start_step,
             "rng": _rng_state(),
         }
 
@@ -159,16 +181,22 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
+        # Checkpoints written before this field existed: skip nothing on resume.
+        self.epoch_start_step = int(state.get("epoch_start_step", self.step))
         _set_rng_state(state["rng"])
 
     def save(self, directory: Path) -> None:
-        """Write the full training state into ``directory`` (temporary names, then rename)."""
+        """Write the full training state into ``directory`` (temporary names, then rename).
+
+        A write that fails (disk full, folder gone or read-only) leaves the previous files untouched and no
+        temporary file behind.
+
+        Raises:
+            OSError: naming the file that could not be written and why.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (STATE_FILE + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, directory / STATE_FILE)
-        (directory / (HISTORY_FILE + ".tmp")).write_text(json.dumps(self.history))
-        os.replace(directory / (HISTORY_FILE + ".tmp"), directory / HISTORY_FILE)
+        _write_atomically(directory / STATE_FILE, lambda tmp: torch.save(self.state_dict(), tmp))
+        _write_atomically(directory / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(self.history)))
 
     def restore(self, directory: Path) -> None:
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
@@ -240,18 +268,24 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def _maybe_inject_fault(step: int) -> None:
-    """Fault injection for recovery tests and drills: ``RAYDISTILL_KILL_WORKER_AT=<step>:<marker file>``.
+    """Fault injection for recovery tests and drills, each once (a marker file records that it happened).
 
-    At that step the worker process dies abruptly (``os._exit``), once: the marker file records that it
-    happened, so the restarted worker group carries on.
+    - ``RAYDISTILL_KILL_WORKER_AT=<step>:<marker file>``: at that step the worker process dies abruptly
+      (``os._exit``); the restarted worker group carries on from the last checkpoint.
+    - ``RAYDISTILL_STALL_WORKER_AT=<step>:<marker file>``: at that step the worker stops making progress,
+      with the checkpoints so far on disk: the drill kills the driver (or the machine) there, then resumes.
     """
-    spec = os.environ.get("RAYDISTILL_KILL_WORKER_AT")
-    if not spec:
-        return
-    at, marker = spec.split(":", 1)
-    if step == int(at) and not os.path.exists(marker):
-        Path(marker).write_text(f"killed at step {step}\n")
-        os._exit(1)
+    for variable, action in (("RAYDISTILL_KILL_WORKER_AT", "killed"), ("RAYDISTILL_STALL_WORKER_AT", "stalled")):
+        spec = os.environ.get(variable)
+        if not spec:
+            continue
+        at, marker = spec.split(":", 1)
+        if step != int(at) or os.path.exists(marker):
+            continue
+        Path(marker).write_text(f"{action} at step {step}\n")
+        if action == "killed":
+            os._exit(1)
+        time.sleep(3600)
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -310,8 +344,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     planned = trainer.planned_steps
     batch_size = train["batch_size"]
     log_every, ckpt_every, eval_every = train["log_every"], train["checkpoint_every"], train.get("eval_every")
-    pending: list[dict[str, float]] = []
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window_steps = time.perf_counter(), 0, 0
     last_val: float | None = None
 
     def report(with_checkpoint: bool, metrics: dict[str, float]) -> None:
@@ -335,20 +368,30 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             device="cpu",
         )
         seen_any = False
+        # A resumed worker re-reads its epoch from the beginning: pass over the batches trained on before the
+        # checkpoint. With train.shuffle_buffer=0 the order is fixed, so these are exactly those batches and
+        # the run continues as if never interrupted; with shuffling the epoch at least keeps its length.
+        to_skip = trainer.step - trainer.epoch_start_step
         for batch in batches:
             seen_any = True
+            if to_skip > 0:
+                to_skip -= 1
+                continue
             out = trainer.train_step(batch)
             _maybe_inject_fault(trainer.step)
             window_samples += batch_size
             out["step"] = trainer.step
-            pending.append(out)
+            window_steps += 1
+            if tracker is not None:
+                # Every step's losses and weights; the tracker batches the writes (flush_every).
+                tracker.log_metrics({k: v for k, v in out.items() if k != "step"}, step=trainer.step)
             metrics: dict[str, float] = {}
             if trainer.step % log_every == 0 or trainer.step == planned:
                 elapsed = time.perf_counter() - window_start
                 metrics = dict(out)
                 metrics["samples_per_s"] = window_samples * ctx.get_world_size() / max(elapsed, 1e-9)
-                metrics["step_time_s"] = elapsed / max(1, len(pending))
-                window_start, window_samples = time.perf_counter(), 0
+                metrics["step_time_s"] = elapsed / max(1, window_steps)
+                window_start, window_samples, window_steps = time.perf_counter(), 0, 0
                 trainer.history.append(
                     {k: v for k, v in out.items() if k.startswith(("weight/", "loss/")) or k == "step"}
                 )
@@ -358,19 +401,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 metrics["val_rsum"] = last_val
             if rank == 0 and metrics:
                 if tracker is not None:
-                    for row in pending:
-                        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
                     extra = {k: v for k, v in metrics.items() if k in ("samples_per_s", "step_time_s", "val_rsum")}
                     tracker.log_metrics(extra, step=trainer.step)
                 live.record(metrics)
-                pending = []
                 print(
                     f"[raydistill] step {trainer.step}/{planned} loss {out['loss/total']:.4g} "
                     f"lr {out['lr']:.2e} {metrics.get('samples_per_s', 0):.0f} samples/s", flush=True
                 )
-            elif metrics:
-                pending = []
             if trainer.step % ckpt_every == 0 or trainer.step == planned:
+                if tracker is not None:
+                    # Everything up to a checkpoint is in MLflow before it: a restart re-logs only later steps.
+                    tracker.flush()
                 report(True, metrics or {"loss/total": out["loss/total"]})
             elif metrics:
                 report(False, metrics)
@@ -383,6 +424,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             )
         if trainer.step < planned:
             trainer.epoch += 1
+            trainer.epoch_start_step = trainer.step
     if tracker is not None:
         tracker.flush()
     return {"steps": trainer.step, "resumed_from": resumed_from, "history": trainer.history, "val_rsum": last_val}
