@@ -29,14 +29,12 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("home")
     os.environ["RAYDISTILL_HOME"] = str(home)
     marker = home / "killed"
-    os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"4:{marker}"
     ray.init(address="local", num_cpus=6, include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     teacher = make_tiny_teacher(home / "teacher")
     yield {"home": home, "teacher": teacher, "marker": marker}
     ray.shutdown()
-    os.environ.pop("RAYDISTILL_KILL_WORKER_AT", None)
 
 
 def _check_recall(metrics: dict[str, float]) -> None:
@@ -46,7 +44,8 @@ def _check_recall(metrics: dict[str, float]) -> None:
     assert metrics["mean_recall"] == pytest.approx(metrics["rsum"] / 6)
 
 
-def test_stream_run_recovers_from_a_killed_worker_and_logs_everything(env, tmp_path: Path) -> None:
+def test_stream_run_recovers_from_a_killed_worker_and_logs_everything(env, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RAYDISTILL_KILL_WORKER_AT", f"4:{env['marker']}")
     cfg = tiny_config(env["teacher"], tmp_path, steps=6)
     summary = run_experiment(cfg)
 

@@ -382,6 +382,7 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
             "mlflow": {"uri": tracking_uri, "experiment": cfg.tracking.experiment, "run_id": tracker.run_id,
                        "local_dir": str(run_dir / "tracking")} if tracker.run_id else None,
             "val": ray.put(val) if val is not None else None,
+            "kill_worker_at": os.environ.get("RAYDISTILL_KILL_WORKER_AT"),
             "checkpoint_root": None if "://" in storage else f"{storage}/{run_name}",
         },
         scaling_config=ScalingConfig(

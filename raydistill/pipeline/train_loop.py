@@ -267,8 +267,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def _maybe_inject_fault(step: int) -> None:
+def _maybe_inject_fault(step: int, kill_spec: str | None = None) -> None:
     """Fault injection for recovery tests and drills, each once (a marker file records that it happened).
+
+    ``kill_spec`` is ``RAYDISTILL_KILL_WORKER_AT`` as the driver saw it (handed over in the loop config, so
+    it works even when the Ray instance was started without the variable).
 
     - ``RAYDISTILL_KILL_WORKER_AT=<step>:<marker file>``: at that step the worker process dies abruptly
       (``os._exit``); the restarted worker group carries on from the last checkpoint.
@@ -276,7 +279,7 @@ def _maybe_inject_fault(step: int) -> None:
       with the checkpoints so far on disk: the drill kills the driver (or the machine) there, then resumes.
     """
     for variable, action in (("RAYDISTILL_KILL_WORKER_AT", "killed"), ("RAYDISTILL_STALL_WORKER_AT", "stalled")):
-        spec = os.environ.get(variable)
+        spec = (kill_spec if action == "killed" else None) or os.environ.get(variable)
         if not spec:
             continue
         at, marker = spec.split(":", 1)
@@ -378,7 +381,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 to_skip -= 1
                 continue
             out = trainer.train_step(batch)
-            _maybe_inject_fault(trainer.step)
+            _maybe_inject_fault(trainer.step, config.get("kill_worker_at"))
             window_samples += batch_size
             out["step"] = trainer.step
             window_steps += 1
