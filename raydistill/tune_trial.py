@@ -1,0 +1,147 @@
+"""What runs inside Ray Tune for ``raydistill tune``: the trial trainable, its Train callback, the scheduler.
+
+* :func:`distill_trial` is the function trainable (the Train V2 pattern): it builds the trial's config and
+  calls :func:`~raydistill.pipeline.runner.run_experiment`, which fits a ``TorchTrainer`` whose
+  ``RunConfig`` carries :class:`ValidationReportCallback`; a last ``ray.tune.report`` adds the final
+  test recall, size and throughput.
+* :class:`LoggedASHA` is ASHA that writes down each decision it takes, so a reader can see why a trial
+  stopped.
+* :class:`ProgressCallback` prints one line per trial event to stderr.
+
+This module imports Ray Tune at import time; :mod:`raydistill.tune` imports it only when a sweep runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+from raydistill.config import Config, config_from_dict
+from raydistill.search_space import apply_values, check_trial_config, flatten_values
+from raydistill.sweep_results import COUNT_KEYS, METRIC, TIME_ATTR, TRIAL_CONFIG_TAG, TRIAL_ID_TAG
+
+
+def log(message: str) -> None:
+    """Progress of the sweep (stderr, so ``--json`` keeps stdout for the result)."""
+    print(f"[raydistill tune] {message}", file=sys.stderr, flush=True)
+
+
+class ValidationReportCallback(TuneReportCallback):
+    """Forwards to Tune only the Train reports that carry ``val_rsum``.
+
+    The worker loop also reports loss windows and checkpoints without a validation score; Tune rejects a
+    result that lacks the sweep's metric, and ASHA has nothing to compare in it.
+    """
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], cache_dir: str, name: str) -> Config:
+    """A trial's config: the sweep's resolved base config, the sampled values, and the filled cache.
+
+    Args:
+        base: ``Config.model_dump(mode="json")`` of the sweep's config (absolute paths).
+        values: The trial's sampled values (dotted keys, as in the search space).
+        cache_dir: The cache the sweep filled before the trials.
+        name: The trial's run name.
+
+    Raises:
+        ConfigError: the values make an invalid config (the space was checked, so this is a bug or a race).
+    """
+    raw = apply_values(base, values)
+    raw = apply_values(raw, {"name": name, "cache.mode": "cache", "cache.dir": cache_dir})
+    origin = f"trial {name} ({flatten_values(values)})"
+    cfg = config_from_dict(raw, origin=origin)
+    check_trial_config(cfg, origin)
+    return cfg
+
+
+def distill_trial(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str, parent_run_id: str | None,
+                  sweep: str) -> None:
+    """The Tune trainable: one student trained from the cache, logged as a child run of the sweep.
+
+    Validation RSUM reaches Tune through :class:`ValidationReportCallback` while the ``TorchTrainer`` runs;
+    when the run finishes, one last report adds the final test recall, size, throughput and counts.
+    """
+    import ray.data
+
+    from raydistill.pipeline.runner import run_experiment
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, config, cache_dir, name=f"{base['name']}-{trial_id}")
+    # init_ray sets these in a driver; inside a trial Ray is already up and init_ray returns at once.
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+    tags = {TRIAL_ID_TAG: trial_id, TRIAL_CONFIG_TAG: json.dumps(flatten_values(config), default=str),
+            "raydistill.sweep": sweep}
+    summary = run_experiment(cfg, tags=tags, parent_run_id=parent_run_id,
+                             train_callbacks=[ValidationReportCallback()])
+    student = summary["metrics"]["student"]
+    history = [h for h in summary.get("history", []) if METRIC in h]
+    final = {
+        METRIC: history[-1][METRIC] if history else math.nan,
+        TIME_ATTR: summary["steps"],
+        "rsum": student["rsum"],
+        "student_params": summary["student_params"],
+        "images_per_s": student["images_per_s"],
+        "captions_per_s": student["captions_per_s"],
+        "run_id": summary["run_id"],
+        "run_dir": summary["run_dir"],
+        "finished": 1,
+        **{k: summary.get(k) for k in COUNT_KEYS},
+    }
+    tune.report(final)
+
+
+class LoggedASHA(AsyncHyperBandScheduler):
+    """ASHA that appends each decision it takes on a validation result to a JSON-lines file.
+
+    One line per result that carries the metric: ``{"trial_id", "step", "val_rsum", "decision"}`` with
+    ``decision`` ``CONTINUE`` or ``STOP``, in the order the scheduler saw the results.
+
+    Args:
+        log_path: The JSON-lines file (appended to).
+        **kwargs: ``AsyncHyperBandScheduler`` arguments.
+    """
+
+    def __init__(self, log_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.log_path = str(log_path)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if METRIC in result and TIME_ATTR in result:
+            line = {"trial_id": trial.trial_id, TIME_ATTR: int(result[TIME_ATTR]), METRIC: float(result[METRIC]),
+                    "decision": "STOP" if decision == TrialScheduler.STOP else "CONTINUE"}
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+        return decision
+
+
+class ProgressCallback(tune.Callback):
+    """One stderr line per trial event (Tune's own reporter is off: stdout is kept for ``--json``)."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log(f"trial {trial.trial_id} started: {flatten_values(trial.config)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("finished"):
+            log(f"trial {trial.trial_id} finished: val RSUM {result[METRIC]:.1f}, test RSUM {result['rsum']:.1f}")
+        else:
+            log(f"trial {trial.trial_id} step {result.get(TIME_ATTR)}: val RSUM {result.get(METRIC, math.nan):.1f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log(f"trial {trial.trial_id} ended")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log(f"trial {trial.trial_id} failed (see {trial.path})")
