@@ -69,6 +69,7 @@ class TeacherEmbedder:
         self.write_through = write_through and self.cache is not None
         self.counters = counters
         self.teacher = None
+        self.throughput = None
         self.known = self.cache.load_embeddings() if self.cache is not None else {}
         self.parts_written = 0
 
@@ -81,7 +82,19 @@ class TeacherEmbedder:
                 raise ValueError(f"teacher {self.spec.get('checkpoint')} gives dimension {self.teacher.dim}, expected {self.dim}")
         return self.teacher
 
+    def _record_throughput(self, images: int, captions: int, seconds: float) -> None:
+        """Teacher images/s and captions/s gauges for the dashboard (best effort: never fails a batch)."""
+        try:
+            if self.throughput is None:
+                from raydistill.dashboard_metrics import TeacherThroughput
+
+                self.throughput = TeacherThroughput()
+            self.throughput.record(images=images, captions=captions, seconds=seconds)
+        except Exception:  # the dashboard is a view; the counters actor holds the record
+            pass
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        call_start = time.perf_counter()
         n = len(batch["image_id"])
         t_img = np.zeros((n, self.dim), np.float32)
         t_txt = np.empty(n, dtype=object)
@@ -126,6 +139,7 @@ class TeacherEmbedder:
                     "cache_misses": len(miss),
                 }
             )
+        self._record_throughput(len(miss), n_captions, time.perf_counter() - call_start)
         _maybe_inject_fault(self.parts_written)
         out = {k: v for k, v in batch.items() if k != "data"}
         out["t_img"] = t_img
