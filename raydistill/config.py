@@ -227,6 +227,11 @@ class TrainConfig(_Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for workers.")
     shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer (caption rows), 0: off.")
+    materialize: bool = Field(
+        False,
+        description="Hold the training rows in Ray's object store after one pass (teacher and decoding run once; "
+        "epochs read memory). For data that fits in memory; training starts after the first pass.",
+    )
     storage_path: str | None = Field(
         None, description="Ray Train checkpoints: local folder or s3:// (multi-node: shared); default <output_dir>/ray_train."
     )

@@ -37,3 +37,22 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
     client = MlflowClient(summary["mlflow_tracking_uri"])
     for run_id in summary["runs"]["distilled"] + summary["runs"]["baseline"]:
         assert client.get_run(run_id).data.metrics["test/rsum"] >= 0
+
+
+def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:
+    """The checkpoint under raydistill/assets/demo-teacher/ was made by the current configs/demo-teacher.yaml
+    (edit the config without refitting and this fails), and it loads as a teacher of the documented size."""
+    import numpy as np
+
+    from raydistill.demo_assets import SHIPPED_TEACHER, demo_teacher_config_sha256, ensure_demo_teacher
+    from raydistill.models.teachers import load_teacher
+
+    source = json.loads((SHIPPED_TEACHER / "SOURCE.json").read_text())
+    assert source["config_sha256"] == demo_teacher_config_sha256()
+    assert source["command"] == "raydistill run configs/demo-teacher.yaml"
+    assert ensure_demo_teacher() == SHIPPED_TEACHER  # used as is: nothing is fitted
+    teacher = load_teacher({"kind": "raydistill", "checkpoint": str(SHIPPED_TEACHER)})
+    assert (teacher.dim, teacher.image_size) == (256, 48)
+    assert sum(p.numel() for p in teacher.model.parameters()) == 5_031_168
+    emb = teacher.embed_texts(["a small red circle left of a large blue square"])
+    assert emb.shape == (1, 256) and np.isclose(np.linalg.norm(emb), 1.0, atol=1e-5)

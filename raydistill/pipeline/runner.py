@@ -130,26 +130,44 @@ class TeacherSide:
 def embed_split(cfg: Config, side: TeacherSide, split: str, records: list[dict[str, Any]], counters: Counters,
                 collect: bool = False) -> list[dict[str, Any]] | None:
     """Run the teacher over one split (resuming: cached images are hits) and finalise it in the cache."""
+    rows = embed_splits(cfg, side, {split: records}, counters, collect)
+    return rows[split] if rows is not None else None
+
+
+def embed_splits(cfg: Config, side: TeacherSide, splits: dict[str, list[dict[str, Any]]], counters: Counters,
+                 collect: bool = False) -> dict[str, list[dict[str, Any]]] | None:
+    """Run the teacher over several splits in one pass (one actor pool) and finalise each in the cache.
+
+    Cached images are hits (a partial cache resumes). With ``collect`` every image's row comes back, grouped
+    by split; otherwise only the missing images are embedded and nothing is returned.
+    """
     cache = side.cache
-    done = cache.done_ids(split)
-    expected = {r["image_id"] for r in records}
-    todo = [r for r in records if r["image_id"] not in done]
-    log(f"teacher pass over split {split!r}: {len(records)} images, {len(done & expected)} already cached, "
-        f"{len(todo)} to embed")
-    rows = None
+    todo: list[dict[str, Any]] = []
+    for split, records in splits.items():
+        done = cache.done_ids(split)
+        expected = {r["image_id"] for r in records}
+        missing = [r for r in records if r["image_id"] not in done]
+        todo.extend(missing)
+        log(f"teacher pass over split {split!r}: {len(records)} images, {len(done & expected)} already cached, "
+            f"{len(missing)} to embed")
+    collected = None
     if collect:
-        ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(records), cfg, counters), cfg, side.spec,
+        everything = [r for records in splits.values() for r in records]
+        ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(everything), cfg, counters), cfg, side.spec,
                                 side.dim, cache, counters)
-        rows = ds.take_all()
+        collected = {split: [] for split in splits}
+        for row in ds.take_all():
+            collected[str(row["split"])].append(row)
     elif todo:
         ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(todo), cfg, counters), cfg, side.spec,
                                 side.dim, cache, counters)
         ds.materialize()
-    good = expected - _bad_ids(cfg, records, cache, split)
-    stats = cache.finalize(split, good)
-    log(f"cache {cache.uri}: split {split!r} complete: {stats['images']} images, {stats['captions']} captions"
-        + (f", {stats['duplicates_removed']} duplicate rows removed" if stats["duplicates_removed"] else ""))
-    return rows
+    for split, records in splits.items():
+        good = {r["image_id"] for r in records} - _bad_ids(cfg, records, cache, split)
+        stats = cache.finalize(split, good)
+        log(f"cache {cache.uri}: split {split!r} complete: {stats['images']} images, {stats['captions']} captions"
+            + (f", {stats['duplicates_removed']} duplicate rows removed" if stats["duplicates_removed"] else ""))
+    return collected
 
 
 def _bad_ids(cfg: Config, records: list[dict[str, Any]], cache: EmbeddingCache, split: str) -> set[str]:
@@ -191,13 +209,24 @@ def student_max_len(cfg: Config) -> int:
 def eval_set(cfg: Config, split: str, records: list[dict[str, Any]], side: TeacherSide | None, counters: Counters,
              tokenizer: Any) -> EvalSet:
     """Decode a split once (and, distilling, embed it with the teacher via the cache) for evaluation."""
+    return eval_sets(cfg, {split: records}, side, counters, tokenizer)[split]
+
+
+def eval_sets(cfg: Config, splits: dict[str, list[dict[str, Any]]], side: TeacherSide | None, counters: Counters,
+              tokenizer: Any) -> dict[str, EvalSet]:
+    """Evaluation sets of several splits; the splits the cache lacks are embedded in one teacher pass."""
+    rows: dict[str, list[dict[str, Any]]] = {}
     if side is None:
-        rows = dsets.decoded(dsets.records_dataset(records), cfg, counters).take_all()
-    elif split in side.cache.complete_splits():
-        rows = dsets.decoded(dsets.from_cache(side.cache, split), cfg, counters).take_all()
+        for split, records in splits.items():
+            rows[split] = dsets.decoded(dsets.records_dataset(records), cfg, counters).take_all()
     else:
-        rows = embed_split(cfg, side, split, records, counters, collect=True)
-    return build_eval_set(rows, tokenizer, student_max_len(cfg))
+        complete = side.cache.complete_splits()
+        for split in [s for s in splits if s in complete]:
+            rows[split] = dsets.decoded(dsets.from_cache(side.cache, split), cfg, counters).take_all()
+        missing = {s: r for s, r in splits.items() if s not in complete}
+        if missing:
+            rows.update(embed_splits(cfg, side, missing, counters, collect=True))
+    return {split: build_eval_set(rows[split], tokenizer, student_max_len(cfg)) for split in splits}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -350,10 +379,10 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
         tracker.log_params(flatten_config(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / RUN_CONFIG)
 
-    test = eval_set(cfg, cfg.data.test_split, records[cfg.data.test_split], side, counters, tokenizer)
-    val = None
-    if cfg.train.eval_every and cfg.data.val_split:
-        val = eval_set(cfg, cfg.data.val_split, records[cfg.data.val_split], side, counters, tokenizer)
+    wanted = [cfg.data.test_split] + ([cfg.data.val_split] if cfg.train.eval_every and cfg.data.val_split else [])
+    sets = eval_sets(cfg, {s: records[s] for s in dict.fromkeys(wanted)}, side, counters, tokenizer)
+    test = sets[cfg.data.test_split]
+    val = sets[cfg.data.val_split] if len(wanted) > 1 else None
 
     train_records = records[cfg.data.train_split]
     n_train_captions = sum(len(r["captions"]) for r in train_records)
@@ -368,6 +397,14 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
     else:
         image_rows = dsets.decoded(dsets.records_dataset(train_records), cfg, counters)
     train_ds = dsets.training_rows(image_rows, tokenizer, student_max_len(cfg), with_teacher=side is not None)
+    if cfg.train.materialize:
+        log(f"materialising {n_train_captions} training rows in the object store (train.materialize): "
+            "one pass of decoding and teacher, then every epoch reads memory")
+        start = time.perf_counter()
+        train_ds = train_ds.materialize()
+        log(f"training rows ready in {time.perf_counter() - start:.1f} s ({train_ds.size_bytes() / 2**20:.0f} MiB)")
+        if cfg.train.shuffle_buffer:
+            train_ds = train_ds.randomize_block_order(seed=cfg.train.seed)  # on top of the local shuffle
 
     storage = train_storage(cfg)
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
@@ -531,10 +568,8 @@ def embed(cfg: Config) -> dict[str, Any]:
     counters = Counters().start()
     side = TeacherSide(cfg, all_records)
     side.cache.open(side.fingerprint, side.dim)
-    stats = {}
-    for split in splits:
-        embed_split(cfg, side, split, records[split], counters)
-        stats[split] = side.cache.complete_splits()[split]
+    embed_splits(cfg, side, records, counters)
+    stats = {split: side.cache.complete_splits()[split] for split in splits}
     totals = counters.get()
     return {
         "cache_dir": side.cache.uri,

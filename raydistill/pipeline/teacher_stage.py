@@ -53,6 +53,7 @@ class TeacherEmbedder:
         cache_uri: the embedding cache (None: no cache).
         write_through: write new embeddings to the cache.
         counters: the run's counters (images/captions embedded, cache hits/misses).
+        num_threads: torch CPU threads of this actor (its reserved CPUs; Ray starts actors with one thread).
     """
 
     def __init__(
@@ -62,7 +63,12 @@ class TeacherEmbedder:
         cache_uri: str | None = None,
         write_through: bool = True,
         counters: Counters | None = None,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.spec = dict(teacher_spec)
         self.dim = dim
         self.cache = EmbeddingCache(cache_uri) if cache_uri else None
