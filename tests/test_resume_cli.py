@@ -1,0 +1,127 @@
+"""The driver killed: `raydistill run --resume` continues the run from its last checkpoint to the planned step.
+
+The real command runs in a subprocess with its own local Ray instance. The Train worker is told to stall at
+step 4 (``RAYDISTILL_STALL_WORKER_AT``), after the step-3 checkpoint is on disk; the test then kills the
+driver and every process it started with SIGKILL, as a machine dying would, and resumes the run by its
+folder. (`raydistill embed` resuming a partial cache is tested in tests/test_reliability.py, on a cache
+whose teacher actor is killed mid-pass.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from e2e_helpers import REPO, make_tiny_teacher, tiny_overrides
+from raydistill.pipeline.train_loop import STATE_FILE, latest_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+STEPS = 6  # checkpoints every 3 steps (tiny_overrides); the worker stalls at step 4
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process, from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    return out
+
+
+def _tree(root: int) -> set[int]:
+    """``root``, its descendants, and whatever else runs in its session (it was started as a session leader)."""
+    procs = _processes()
+    found, todo = {root}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _) in procs.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found | {pid for pid, (_, sid) in procs.items() if sid == root}
+
+
+def _kill_everything_started_by(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's GCS, raylet, workers), by process id."""
+    pids = _tree(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and pids & set(_processes()):
+        time.sleep(0.5)
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    out = tmp_path / "out"
+    marker = tmp_path / "stalled"
+    overrides = tiny_overrides(teacher, out, steps=STEPS) + ["ray.num_cpus=6", "ray.dashboard=false"]
+    env = dict(os.environ, RAYDISTILL_STALL_WORKER_AT=f"4:{marker}")
+    command = [sys.executable, "-m", "raydistill.cli", "run"]
+    log = tmp_path / "first.log"
+
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([*command, str(REPO / "configs" / "quick.yaml"), *overrides, "--json"], cwd=tmp_path,
+                                env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(marker.exists, proc, log, "stall at step 4", timeout=480)
+        runs = list((out / "runs").iterdir())
+        assert len(runs) == 1
+        run_dir = runs[0]
+        checkpoints = out / "ray_train" / run_dir.name
+        _wait_for(lambda: latest_checkpoint(checkpoints) is not None, proc, log, "checkpoint on disk", timeout=120)
+    finally:
+        _kill_everything_started_by(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert marker.read_text() == "stalled at step 4\n"
+    assert torch.load(latest_checkpoint(checkpoints) / STATE_FILE, weights_only=True)["step"] == 3
+    assert not (run_dir / "result.json").exists()
+
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "--json"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["run_dir"] == str(run_dir)
+    assert summary["steps"] == summary["planned_steps"] == STEPS
+    assert summary["resumed_from_step"] == 3
+    state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
+    assert state["step"] == STEPS and state["balancer"]["_extra_state"]["step"] == STEPS
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == STEPS
+
+    # One MLflow run, continued: every step's loss logged exactly once across the two drivers.
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss/contrastive")]
+    assert steps == list(range(1, STEPS + 1))
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert len(client.search_runs([experiment.experiment_id])) == 1
