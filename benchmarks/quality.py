@@ -1,0 +1,228 @@
+"""Distillation quality on the embedded benchmark: teacher, DSMD student, undistilled baseline, ablations.
+
+The fitted demo teacher embeds the synthetic captioned scenes once, through the real pipeline
+(``raydistill embed``: actor pool -> Parquet cache). Every student arm then trains in this process with the
+training step the Ray Train workers run (``pipeline.train_loop.Trainer``) on the cached rows, all with the same
+data, steps, batch size, optimizer and schedule:
+
+- ``dsmd``: the four losses and the ``dsmd`` balancer (configs/demo.yaml);
+- ``baseline``: the same student without a teacher (ground-truth image-text contrastive loss);
+- ``no_<term>``: DSMD with one loss removed;
+- ``balancer_<kind>``: DSMD with another balancer (``dsmd_rate``, ``fixed`` equal weights, ``dwa``,
+  ``uncertainty``).
+
+Each arm gets its own best learning rate from a small grid, chosen on the validation split with seed 0 (a
+baseline at a bad learning rate flatters distillation); then the other seeds run at that rate, and the table
+gives test-split mean and spread (sample standard deviation) over the seeds.
+
+    python -m benchmarks.quality                               # the full table (about an hour on 2 cores)
+    python -m benchmarks.quality --arms dsmd baseline --seeds 2  # just the headline gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.common import log
+
+TERMS = ["feature", "cosine", "contrastive", "hard_negative"]
+ARMS: dict[str, dict[str, Any]] = {
+    "dsmd": {},
+    "baseline": {"distill.objective": "ground_truth", "cache.mode": "stream"},
+    **{f"no_{t}": {"distill.terms": [x for x in TERMS if x != t]} for t in TERMS},
+    **{f"balancer_{k}": {"balancer.kind": k, "balancer.params": {}} for k in ("dsmd_rate", "fixed", "dwa", "uncertainty")},
+}
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = copy.deepcopy(value)
+
+
+def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -> dict[str, Any]:
+    from raydistill.config import config_from_dict
+
+    raw = copy.deepcopy(base)
+    raw["student"]["embed_dim"] = dim  # the teacher's: the baseline has no teacher to take it from
+    for key, value in ARMS[arm].items():
+        _set(raw, key, value)
+    raw["train"]["lr"], raw["train"]["seed"] = lr, seed
+    return config_from_dict(raw).model_dump(mode="json")
+
+
+def split_rows(cfg: Any, cache_dir: str, split: str) -> list[dict[str, Any]]:
+    """A split's image rows from the cache, decoded (``image``) with ``t_img`` / ``t_txt``."""
+    import pyarrow.parquet as pq
+
+    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
+    from raydistill.pipeline.rows import decode_batch
+
+    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
+    rows = [r for r in table.to_pylist() if r["split"] == split]
+    batch = common.columns(rows)
+    batch = decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
+                         max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)
+    return [{k: batch[k][i] for k in batch} for i in range(len(batch["image_id"]))]
+
+
+def train_arm(cfg: dict[str, Any], rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int) -> Any:
+    """Train one student with the workers' training step; returns the model."""
+    import random
+
+    import torch
+
+    from raydistill.pipeline.train_loop import Trainer
+
+    seed = cfg["train"]["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    trainer = Trainer(cfg, dim, vocab, steps, torch.device("cpu"))
+    keys = [k for k in ("pixels", "input_ids", "attention_mask", "image_key", "sample_key", "t_img", "t_txt")
+            if k in rows]
+    tensors = {k: torch.as_tensor(rows[k]) for k in keys}
+    n, batch = len(rows["input_ids"]), cfg["train"]["batch_size"]
+    rng = np.random.default_rng(seed)
+    while trainer.step < steps:
+        order = torch.as_tensor(rng.permutation(n))
+        for start in range(0, n - batch + 1, batch):
+            idx = order[start:start + batch]
+            trainer.train_step({k: v[idx] for k, v in tensors.items()})
+            if trainer.step >= steps:
+                break
+        trainer.epoch += 1
+    return trainer.raw_model
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="demo", help="demo (the fitted demo teacher) | tiny (smoke test)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="learning-rate grid")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=1500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+
+    import ray
+    import torch
+
+    from benchmarks.teacher_throughput import teacher_spec
+    from raydistill.models.tokenizers import build_wordpiece_tokenizer
+    from raydistill.pipeline import datasets as dsets
+    from raydistill.pipeline.evaluate import build_eval_set, evaluate_student, evaluate_teacher
+    from raydistill.pipeline.rows import explode_batch
+    from raydistill.pipeline.runner import embed, student_max_len
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = teacher_spec(args.teacher, "cpu", work)
+        cfg = common.run_config(spec, work, [f"data.synth.n_images={args.images}", f"train.steps={args.steps}",
+                                             f"train.batch_size={args.batch_size}", "cache.mode=cache"])
+        started = not ray.is_initialized()
+        common.start_ray()
+        log("teacher pass through the pipeline into the cache")
+        filled = embed(cfg)
+        if started:  # the students train in this process: give the cores back
+            ray.shutdown()
+        records = dsets.read_records(cfg)
+        captions = [c for r in records[cfg.data.train_split] for c in r["captions"]]
+        tokenizer = build_wordpiece_tokenizer(captions, vocab_size=cfg.student.vocab_size)
+        max_len = student_max_len(cfg)
+        train = split_rows(cfg, filled["cache_dir"], cfg.data.train_split)
+        batch = common.columns(train)
+        batch["image"] = np.stack([r["image"] for r in train])
+        batch["t_img"] = np.stack([np.asarray(r["t_img"], np.float32) for r in train])
+        rows = explode_batch(batch, tokenizer, max_len, with_teacher=True)
+        val = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.val_split), tokenizer, max_len)
+        test = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.test_split), tokenizer, max_len)
+        teacher_params = sum(int(np.prod(s)) for s in _teacher_shapes(spec))
+    dim = int(rows["t_img"].shape[1])
+    eval_cfg = cfg.eval.model_dump()
+    base = cfg.model_dump(mode="json")
+    teacher = evaluate_teacher(test, cfg.eval.chunk_size)
+    log(f"{len(rows['input_ids'])} training captions, val {val.n_images} / test {test.n_images} images; "
+        f"teacher test RSUM {teacher['rsum']:.1f}")
+
+    runs: list[dict[str, Any]] = []
+
+    def run(arm: str, lr: float, seed: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        model = train_arm(arm_config(base, arm, lr, seed, dim), rows, dim, len(tokenizer), args.steps)
+        record = {"arm": arm, "lr": lr, "seed": seed,
+                  "val_rsum": evaluate_student(model, val, torch.device("cpu"), eval_cfg)["rsum"],
+                  "test": evaluate_student(model, test, torch.device("cpu"), eval_cfg),
+                  "params": int(model.num_parameters()), "seconds": time.perf_counter() - start}
+        log(f"{arm} lr {lr:g} seed {seed}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f} "
+            f"({record['seconds']:.0f} s)")
+        runs.append(record)
+        return record
+
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in args.arms:
+        grid = [run(arm, lr, 0) for lr in args.lrs]
+        best = max(grid, key=lambda r: r["val_rsum"])
+        chosen = [best] + [run(arm, best["lr"], seed) for seed in range(1, args.seeds)]
+        tests = [r["test"] for r in chosen]
+        summary = {k: statistics.fmean(t[k] for t in tests) for k in RECALLS}
+        summary.update({
+            "rsum_std": statistics.stdev([t["rsum"] for t in tests]) if len(tests) > 1 else 0.0,
+            "rsum_per_seed": [t["rsum"] for t in tests],
+            "lr": best["lr"],
+            "val_rsum_by_lr": {f"{r['lr']:g}": r["val_rsum"] for r in grid},
+            "params": best["params"],
+            "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
+            "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
+        })
+        arms[arm] = summary
+
+    teacher_row = {k: teacher[k] for k in RECALLS} | {"params": teacher_params}
+    figures: dict[str, Any] = {"teacher": teacher_row}
+    if "dsmd" in arms:
+        figures["distilled"] = arms["dsmd"] | {"of_teacher": arms["dsmd"]["rsum"] / teacher["rsum"]}
+    if "baseline" in arms:
+        figures["baseline"] = arms["baseline"]
+    if "dsmd" in arms and "baseline" in arms:
+        figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
+    figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
+    figures["runs"] = runs
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {
+        "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)", "report_on": "test"}
+    out = common.result("quality", config, **figures)
+    print(common.table(
+        ["model", "lr", "R@1 i2t", "R@5 i2t", "R@10 i2t", "R@1 t2i", "R@5 t2i", "R@10 t2i", "RSUM", "± sd", "params"],
+        [["teacher", None, *(teacher[k] for k in RECALLS), None, teacher_params]]
+        + [[name, v["lr"], *(v[k] for k in RECALLS), v["rsum_std"], v["params"]] for name, v in arms.items()]))
+    if "gain_rsum" in figures:
+        print(f"DSMD - baseline: {figures['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
+    common.write_result(out, args.out, args.tag)
+    return out
+
+
+def _teacher_shapes(spec: dict[str, Any]) -> list[tuple[int, ...]]:
+    from raydistill.models.teachers import load_teacher
+
+    teacher = load_teacher(spec)
+    model = getattr(teacher, "model", None)
+    return [tuple(p.shape) for p in model.parameters()] if model is not None else []
+
+
+if __name__ == "__main__":
+    main()

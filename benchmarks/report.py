@@ -1,0 +1,79 @@
+"""The README's Performance tables from the committed result files: ``python -m benchmarks.report``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, table
+
+
+def _load(name: str, folder: Path) -> dict[str, Any] | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine(r: dict[str, Any]) -> str:
+    h = r["hardware"]
+    gpus = f", {len(h['gpus'])}x {h['gpus'][0]}" if h.get("gpus") else ", no GPU"
+    return f"{h['cpus']} CPUs ({h['cpu']}){gpus}; torch {r['versions']['torch']}, ray {r['versions']['ray']}"
+
+
+def render(folder: Path = RESULTS, tag: str | None = None) -> str:
+    suffix = f"-{tag}" if tag else ""
+    out: list[str] = []
+    r = _load("teacher_throughput" + suffix, folder)
+    if r:
+        c = r["config"]
+        out += [f"**Teacher stage** ({c['teacher']} teacher, {c['image_size']} px, batch {c['batch_size']}, "
+                f"{c['actors']} actor(s); {r['images']} images / {r['captions']} captions; {_machine(r)}):", "",
+                table(["", "images/s", "captions/s", "seconds"],
+                      [[k, r[k]["images_per_s"], r[k]["captions_per_s"], r[k]["seconds"]] for k in ("plain", "pipeline")]
+                      + [["**ratio** (pipeline / plain)", round(r["ratio"], 3), None, None]]), ""]
+    r = _load("train_throughput" + suffix, folder)
+    if r:
+        c = r["config"]
+        out += [f"**Student training** ({c['student']} student, {r['student_params']:,} parameters, batch "
+                f"{c['batch_size']}, {c['steps']} steps, cache mode; {_machine(r)}):", "",
+                table(["", "samples/s"], [["plain PyTorch loop (in-memory tensors)", r["plain"]["samples_per_s"]],
+                                          ["Ray Train worker fed by Ray Data", r["ray_train"]["samples_per_s"]],
+                                          ["**ratio** (Ray / plain)", round(r["ratio"], 3)]]), ""]
+    r = _load("pipeline" + suffix, folder)
+    if r:
+        out += [f"**Stream mode** (one epoch = {r['epoch_steps']} steps; {_machine(r)}):", "",
+                table(["", "value"], [
+                    ["teacher alone, s", r["t_teacher_s"]], ["student alone (cache mode), s", r["t_student_s"]],
+                    ["stream mode without a cache, s per epoch", r["t_stream_s"]],
+                    ["**overlap efficiency** (t_teacher + t_student) / t_stream", round(r["overlap_efficiency"], 3)],
+                    [f"{r['epochs']} epochs without a cache, s (teacher images embedded)",
+                     f"{r['no_cache']['seconds']:.1f} ({r['no_cache']['teacher_images_embedded']})"],
+                    [f"{r['epochs']} epochs with write-through, s (teacher images embedded)",
+                     f"{r['write_through']['seconds']:.1f} ({r['write_through']['teacher_images_embedded']})"],
+                    ["**cache saving**", f"{100 * r['cache_saving']:.0f} %"]]), ""]
+    r = _load("scaling" + suffix, folder)
+    if r:
+        out += [f"**Scaling** ({r['config']['nodes']} Ray nodes; {_machine(r)}): {r['note']}.", "",
+                table(["workers", "samples/s (total)", "efficiency"],
+                      [[x["workers"], x["samples_per_s"], round(x["efficiency"], 3)] for x in r["rows"]]), ""]
+    r = _load("quality" + suffix, folder)
+    if r:
+        c = r["config"]
+        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+        rows = [["teacher", None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
+        rows += [[a["arm"], f"{a['lr']:g}", *(round(a[k], 1) for k in keys), round(a["rsum_std"], 1), a["params"]]
+                 for a in r["ablation"]]
+        out += [f"**Quality** ({c['student']} student, {c['steps']} steps of {c['batch_size']}, learning rate per arm "
+                f"from {c['lrs']} on validation RSUM, test-split mean of {c['seeds']} seeds):", "",
+                table(["model", "lr", "I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM", "± sd", "params"],
+                      rows), ""]
+        if "gain_rsum" in r:
+            out.append(f"DSMD − baseline: **{r['gain_rsum']:+.1f} RSUM**; the distilled student reaches "
+                       f"{100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render(tag=sys.argv[1] if len(sys.argv) > 1 else None))

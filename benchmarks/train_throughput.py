@@ -1,0 +1,178 @@
+"""Student training throughput: the Ray Train loop in cache mode against a plain PyTorch loop, same run.
+
+The teacher fills the embedding cache once (``raydistill embed``). Then:
+
+- **Ray Train**: ``raydistill run`` in cache mode (``TorchTrainer``, one worker, Ray Data reading the cache's
+  Parquet parts, decoding, tokenising and shuffling while the worker trains); samples/s as the worker reports
+  it per logging window.
+- **plain PyTorch**: the same cached rows decoded and tokenised up front into tensors in memory, and a
+  hand-written loop over the same student, DSMD objective, balancer and AdamW, with as many threads as the
+  worker reserves CPUs (bf16 autocast on a GPU, as the worker).
+
+Both rates leave out the first logging window (start-up, first batches). ``ratio`` = Ray / plain (target
+>= 0.9).
+
+    python -m benchmarks.train_throughput                     # demo teacher and student on CPU
+    python -m benchmarks.train_throughput --teacher beit3-large --student small --device cuda --tag gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.common import log
+
+
+def cached_rows(cfg: Any, cache_dir: str, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
+    """The training split's caption rows from the cache, decoded and tokenised (what the Ray pipeline makes)."""
+    import pyarrow.parquet as pq
+
+    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
+    from raydistill.pipeline.rows import decode_batch, explode_batch
+
+    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
+    rows = [r for r in table.to_pylist() if r["split"] == cfg.data.train_split]
+    batch = common.columns(rows)
+    batch = rows_from_cache_batch(batch)
+    d = cfg.data
+    batch = decode_batch(batch, size=d.decode_size, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=d.max_pixels)
+    return explode_batch(batch, tokenizer, max_len, with_teacher=True)
+
+
+def plain_loop(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int, warmup_steps: int,
+               device: str, threads: int) -> float:
+    """A hand-written PyTorch loop over in-memory tensors; samples/s after ``warmup_steps``."""
+    import torch
+
+    from raydistill.method.balancers import make_balancer
+    from raydistill.method.losses import DSMDObjective
+    from raydistill.models.student import build_student
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    d, t = cfg.distill, cfg.train
+    model = build_student(cfg.student.preset, embed_dim=dim, vocab_size=vocab).to(dev)
+    objective = DSMDObjective(dim=dim, queue_size=d.queue_size, temperature=d.temperature, margin=d.margin,
+                              max_violation=d.max_violation, mask_same_image=d.mask_same_image,
+                              terms=tuple(d.terms)).to(dev)
+    balancer = make_balancer(cfg.balancer.kind, names=list(d.terms), **cfg.balancer.params).to(dev)
+    params = list(model.parameters()) + [p for p in balancer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    warm = max(1, int(t.warmup_fraction * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    tensors = {k: torch.as_tensor(v) for k, v in rows.items()}
+    n, batch = len(rows["input_ids"]), t.batch_size
+    amp = dev.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(n, generator=generator)
+    position, start = 0, None
+    for step in range(steps):
+        if step == warmup_steps:
+            if amp:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        if position + batch > n:
+            order, position = torch.randperm(n, generator=generator), 0
+        idx = order[position:position + batch]
+        position += batch
+        pixels = model.preprocess_images(tensors["pixels"][idx]).to(dev, non_blocking=True)
+        ids, mask = tensors["input_ids"][idx].to(dev), tensors["attention_mask"][idx].to(dev)
+        t_img, t_txt = tensors["t_img"][idx].to(dev), tensors["t_txt"][idx].to(dev)
+        image_keys = tensors["image_key"][idx].to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            s_img, s_txt = model(pixels, ids, mask)
+        terms = objective(s_img.float(), s_txt.float(), t_img, t_txt, image_keys)
+        total, _ = balancer(terms)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)
+        optimizer.step()
+        schedule.step()
+        objective.enqueue(t_img, t_txt, image_keys)
+    if amp:
+        torch.cuda.synchronize()
+    return (steps - warmup_steps) * batch / (time.perf_counter() - start)
+
+
+def fill_cache(cfg: Any) -> dict[str, Any]:
+    from raydistill.pipeline.runner import embed
+
+    summary, seconds = common.timed(lambda: embed(cfg))
+    log(f"cache filled in {seconds:.1f} s: {summary['dataset_images']} images, {summary['dataset_captions']} captions")
+    return summary | {"seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="demo", help="demo | tiny | beit3-base | beit3-large (random weights)")
+    p.add_argument("--student", default="demo", help="student preset")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=int, default=1500, help="synthetic images (all splits)")
+    p.add_argument("--image-size", type=int, default=None, help="decode size (default: the teacher's)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--log-every", type=int, default=20, help="logging window (steps); the first is left out")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--cpus-per-worker", type=float, default=2)
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.steps % args.log_every or args.steps < 2 * args.log_every:
+        raise SystemExit("--steps must be a multiple of --log-every, at least two windows")
+
+    from benchmarks.teacher_throughput import teacher_spec
+    from raydistill.models.tokenizers import load_tokenizer
+    from raydistill.pipeline.runner import run_experiment, student_max_len
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = teacher_spec(args.teacher, args.device, work, args.image_size)
+        size = args.image_size or (48 if args.teacher in ("demo", "tiny") else 224)
+        gpu = args.device.startswith("cuda")
+        cfg = common.run_config(spec, work, [
+            f"data.synth.n_images={args.images}", f"data.decode_size={size}", f"student.preset={args.student}",
+            f"train.steps={args.steps}", f"train.log_every={args.log_every}", f"train.checkpoint_every={args.steps}",
+            f"train.batch_size={args.batch_size}", f"train.cpus_per_worker={args.cpus_per_worker}",
+            f"train.use_gpu={'yes' if gpu else 'no'}", "cache.mode=cache", f"teacher.pool.batch_size={args.batch_size}",
+            f"teacher.pool.num_gpus={1 if gpu else 0}", f"teacher.pool.num_cpus={args.cpus_per_worker}",
+        ])
+        common.start_ray(num_cpus=args.num_cpus, num_gpus=1 if gpu else None)
+        cache = fill_cache(cfg)
+        reports = work / "reports.jsonl"
+        log(f"Ray Train, cache mode: {args.steps} steps of {args.batch_size}")
+        summary = run_experiment(cfg, train_callbacks=[common.ReportRecorder(reports)])
+        ray_rate = common.steady_rate(common.read_reports(reports))
+        tokenizer = load_tokenizer(Path(summary["run_dir"]) / "tokenizer")
+        rows = cached_rows(cfg, cache["cache_dir"], tokenizer, student_max_len(cfg))
+        log(f"plain PyTorch loop: {args.steps} steps over {len(rows['input_ids'])} in-memory rows")
+        threads = max(1, int(args.cpus_per_worker))
+        plain_rate = plain_loop(cfg, rows, int(np.asarray(rows["t_img"]).shape[1]), len(tokenizer), args.steps,
+                                args.log_every, args.device, threads)
+
+    figures = {
+        "ray_train": {"samples_per_s": ray_rate, "steps": summary["steps"]},
+        "plain": {"samples_per_s": plain_rate, "steps": args.steps},
+        "ratio": ray_rate / plain_rate,
+        "student_params": summary["student_params"],
+        "cache_fill_s": cache["seconds"],
+    }
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {"image_size": size}
+    out = common.result("train_throughput", config, **figures)
+    print(common.table(["", "samples/s"], [["plain PyTorch", plain_rate], ["Ray Train (cache mode)", ray_rate],
+                                           ["ratio (Ray / plain)", figures["ratio"]]]))
+    common.write_result(out, args.out, args.tag)
+    return out
+
+
+if __name__ == "__main__":
+    main()

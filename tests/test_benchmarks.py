@@ -1,0 +1,119 @@
+"""Each benchmark at tiny size: it runs end to end, and its result file holds what it measured, consistently.
+
+A tiny raydistill-format teacher and the `test` student on ~100 synthetic images; one local Ray instance for
+the module (the scaling benchmark starts its own multi-node cluster, so it runs last). No timing assertions:
+the figures are checked against each other (a ratio is the quotient of the rates it names, a rate is the
+counted items over the measured seconds), not against expectations of speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common, pipeline, quality, scaling, teacher_throughput, train_throughput  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+COMMON_KEYS = {"benchmark", "hardware", "versions", "config"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _written(out: Path, name: str, returned: dict) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data == json.loads(json.dumps(returned))
+    assert COMMON_KEYS <= set(data) and data["benchmark"] == name
+    assert data["versions"]["ray"].startswith("2.60") and data["hardware"]["cpus"] >= 1
+    return data
+
+
+def test_teacher_throughput(tmp_path: Path) -> None:
+    out = teacher_throughput.main(["--teacher", "tiny", "--images", "64", "--batch-size", "16",
+                                   "--cpus-per-actor", "1", "--out", str(tmp_path)])
+    data = _written(tmp_path, "teacher_throughput", out)
+    records = common.synth_records(1500, 48)
+    n_captions = sum(len(records[i % len(records)]["captions"]) for i in range(64))
+    assert (data["images"], data["captions"]) == (64, n_captions)
+    for side in ("plain", "pipeline"):
+        figures = data[side]
+        assert math.isclose(figures["images_per_s"], 64 / figures["seconds"])
+        assert math.isclose(figures["captions_per_s"], n_captions / figures["seconds"])
+    assert math.isclose(data["ratio"], data["pipeline"]["images_per_s"] / data["plain"]["images_per_s"])
+    assert data["config"]["dim"] == 32 and data["config"]["image_size"] == 48
+
+
+def test_train_throughput(tmp_path: Path) -> None:
+    out = train_throughput.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--steps", "8",
+                                 "--log-every", "4", "--batch-size", "16", "--cpus-per-worker", "1",
+                                 "--out", str(tmp_path)])
+    data = _written(tmp_path, "train_throughput", out)
+    assert data["ray_train"]["steps"] == 8 and data["plain"]["samples_per_s"] > 0
+    assert math.isclose(data["ratio"], data["ray_train"]["samples_per_s"] / data["plain"]["samples_per_s"])
+    assert data["student_params"] > 0
+
+
+def test_pipeline(tmp_path: Path) -> None:
+    out = pipeline.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--batch-size", "32",
+                         "--epochs", "2", "--out", str(tmp_path)])
+    data = _written(tmp_path, "pipeline", out)
+    assert math.isclose(data["t_stream_s"], data["no_cache"]["seconds"] / 2)
+    assert math.isclose(data["overlap_efficiency"],
+                        (data["t_teacher_s"] + data["t_student_s"]) / data["t_stream_s"])
+    assert math.isclose(data["cache_saving"], 1 - data["write_through"]["seconds"] / data["no_cache"]["seconds"])
+    # Without a cache the teacher embeds the training split again in epoch 2 (the run stops at its last
+    # full batch, so the tail of that epoch may never be pulled); with write-through only in epoch 1.
+    records = common.synth_records(120, 48)
+    train = sum(r["split"] == "train" for r in records)
+    test = sum(r["split"] == "test" for r in records)
+    assert train + test < data["no_cache"]["teacher_images_embedded"] <= 2 * train + test
+    assert data["write_through"]["teacher_images_embedded"] == train + test
+    assert 0 < data["write_through"]["cache_hits"] <= train
+
+
+def test_quality(tmp_path: Path) -> None:
+    out = quality.main(["--teacher", "tiny", "--arms", "dsmd", "baseline", "no_cosine", "--lrs", "1e-3", "3e-3",
+                        "--seeds", "2", "--steps", "4", "--batch-size", "16", "--images", "120",
+                        "--threads", "1", "--out", str(tmp_path)])
+    data = _written(tmp_path, "quality", out)
+    assert [row["arm"] for row in data["ablation"]] == ["dsmd", "baseline", "no_cosine"]
+    # Each arm: the grid on seed 0, then seed 1 at the chosen rate; the chosen rate has the best val RSUM.
+    for row in data["ablation"]:
+        runs = [r for r in data["runs"] if r["arm"] == row["arm"]]
+        assert [(r["lr"], r["seed"]) for r in runs[:2]] == [(1e-3, 0), (3e-3, 0)]
+        assert runs[2]["seed"] == 1 and runs[2]["lr"] == row["lr"]
+        assert row["val_rsum_by_lr"][f"{row['lr']:g}"] == max(row["val_rsum_by_lr"].values())
+        chosen = [r for r in runs if r["lr"] == row["lr"]]
+        assert row["rsum_per_seed"] == [r["test"]["rsum"] for r in chosen]
+        assert math.isclose(row["rsum"], sum(row["rsum_per_seed"]) / 2)
+        assert 0 <= row["rsum"] <= 600
+    assert math.isclose(data["gain_rsum"], data["distilled"]["rsum"] - data["baseline"]["rsum"])
+    assert 0 <= data["teacher"]["rsum"] <= 600 and data["teacher"]["params"] > 0
+    assert ray.is_initialized()  # it left the module's instance running
+
+
+def test_scaling(tmp_path: Path) -> None:
+    ray.shutdown()  # the benchmark builds its own local multi-node cluster
+    out = scaling.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--workers", "1", "2",
+                        "--steps", "6", "--log-every", "2", "--batch-size", "16", "--out", str(tmp_path)])
+    data = _written(tmp_path, "scaling", out)
+    assert [r["workers"] for r in data["rows"]] == [1, 2]
+    assert all(r["steps"] == 6 for r in data["rows"])
+    assert data["config"]["nodes"] == 3  # a head and one node per worker
+    one = data["rows"][0]["samples_per_s"]
+    assert data["rows"][0]["efficiency"] == 1.0
+    assert math.isclose(data["rows"][1]["efficiency"], data["rows"][1]["samples_per_s"] / (2 * one))
