@@ -246,3 +246,16 @@ def steady_rate(reports: list[dict[str, float]], key: str = "samples_per_s") -> 
         raise RuntimeError(f"need at least two logging windows with {key}, got {len(rates)}: raise the step count")
     steady = rates[1:]
     return len(steady) / sum(1.0 / r for r in steady)
+
+
+def cached_split(cfg: Any, cache_dir: str, split: str) -> dict[str, np.ndarray]:
+    """A split's image rows from the embedding cache, decoded (``image``) with ``t_img`` / ``t_txt``."""
+    import pyarrow.parquet as pq
+
+    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
+    from raydistill.pipeline.rows import decode_batch
+
+    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
+    batch = columns([r for r in table.to_pylist() if r["split"] == split])
+    return decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
+                        max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)

@@ -64,17 +64,8 @@ def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -
 
 
 def split_rows(cfg: Any, cache_dir: str, split: str) -> list[dict[str, Any]]:
-    """A split's image rows from the cache, decoded (``image``) with ``t_img`` / ``t_txt``."""
-    import pyarrow.parquet as pq
-
-    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
-    from raydistill.pipeline.rows import decode_batch
-
-    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
-    rows = [r for r in table.to_pylist() if r["split"] == split]
-    batch = common.columns(rows)
-    batch = decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
-                         max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)
+    """A split's decoded image rows from the cache, one dict per image."""
+    batch = common.cached_split(cfg, cache_dir, split)
     return [{k: batch[k][i] for k in batch} for i in range(len(batch["image_id"]))]
 
 

@@ -33,17 +33,9 @@ from benchmarks.common import log
 
 def cached_rows(cfg: Any, cache_dir: str, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
     """The training split's caption rows from the cache, decoded and tokenised (what the Ray pipeline makes)."""
-    import pyarrow.parquet as pq
+    from raydistill.pipeline.rows import explode_batch
 
-    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
-    from raydistill.pipeline.rows import decode_batch, explode_batch
-
-    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
-    rows = [r for r in table.to_pylist() if r["split"] == cfg.data.train_split]
-    batch = common.columns(rows)
-    batch = rows_from_cache_batch(batch)
-    d = cfg.data
-    batch = decode_batch(batch, size=d.decode_size, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=d.max_pixels)
+    batch = common.cached_split(cfg, cache_dir, cfg.data.train_split)
     return explode_batch(batch, tokenizer, max_len, with_teacher=True)
 
 
