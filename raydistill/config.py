@@ -255,6 +255,13 @@ class EvalConfig(_Section):
 
     batch_size: int = Field(256, gt=0, description="Images/captions per student forward pass.")
     chunk_size: int = Field(1024, gt=0, description="Similarity rows computed at once.")
+    local_max_images: int = Field(
+        2000,
+        ge=0,
+        description="Evaluation splits of at most this many images are read from the cache and decoded in the "
+        "driver process; larger ones go through Ray Data tasks (whose start-up costs more than decoding a few "
+        "thousand images). 0: always Ray Data.",
+    )
 
 
 class TrackingConfig(_Section):

@@ -31,8 +31,9 @@ RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
 def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
     common = [f"output_dir={output_dir}", f"train.seed={seed}", "train.cpus_per_worker=2"]
     if quick:
-        common += ["train.steps=30", "train.eval_every=15", "train.checkpoint_every=30", "train.log_every=10",
-                   "distill.queue_size=1024"]
+        # A smoke run: 400 scenes of the same generator and 30 steps (numbers are not comparable with the full demo).
+        common += ["data.synth.n_images=400", "train.steps=30", "train.eval_every=15", "train.checkpoint_every=30",
+                   "train.log_every=10", "distill.queue_size=1024"]
     else:
         common += ["train.eval_every=50"]
     return common

@@ -107,3 +107,49 @@ def test_rows_from_cache_batch_reshapes_flattened_text_embeddings() -> None:
     assert out["t_img"].shape == (2, DIM)
     assert out["t_txt"][0].shape == (2, DIM) and out["t_txt"][1].shape == (3, DIM)
     np.testing.assert_array_equal(out["t_txt"][1][2], np.arange(8, 12, dtype=np.float32))
+
+
+def test_read_split_then_local_decode_gives_the_rows_ray_data_would(tmp_path: Path) -> None:
+    """The driver-side path for small evaluation splits: one split's rows, its embeddings reshaped to
+    [captions, d], images decoded with the run's policy (a corrupt file skipped and counted)."""
+    from PIL import Image
+
+    from raydistill.config import load_config
+    from raydistill.pipeline.datasets import column_batch, decode_locally
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 255, 0))):
+        Image.new("RGB", (64, 32), colour).save(tmp_path / f"{name}.jpg", quality=95)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    cache = EmbeddingCache(str(tmp_path / "c"))
+    cache.open(FP, DIM)
+    test_rows = _rows(["a", "bad", "b"], split="test", n_caps=3)
+    test_rows["path"] = [str(tmp_path / f"{i}.jpg") for i in ("a", "bad", "b")]
+    cache.write_part(_rows(["c"], split="train"), DIM)
+    cache.write_part(test_rows, DIM)
+
+    table = cache.read_split("test")
+    assert table.column("image_id").to_pylist() == ["a", "bad", "b"]
+    batch = rows_from_cache_batch(column_batch(table.to_pydict()))
+    np.testing.assert_array_equal(batch["t_img"], test_rows["t_img"])
+    assert batch["t_txt"][2].shape == (3, DIM)
+    np.testing.assert_array_equal(batch["t_txt"][2], test_rows["t_txt"][2])
+
+    class Counted:
+        def __init__(self) -> None:
+            self.totals: dict = {}
+
+        def add_many(self, values: dict) -> dict:
+            for k, v in values.items():
+                self.totals[k] = self.totals.get(k, 0) + v
+            return dict(self.totals)
+
+    counters = Counted()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml", ["data.decode_size=16"])
+    rows = decode_locally(batch, cfg, counters, chunk=2)  # two chunks: [a, bad], [b]
+    assert [r["image_id"] for r in rows] == ["a", "b"]
+    assert rows[0]["image"].shape == (16, 16, 3) and rows[0]["image"][8, 8].tolist() == [254, 0, 0]
+    assert list(rows[1]["caption_ids"]) == ["b#0", "b#1", "b#2"]
+    np.testing.assert_array_equal(rows[1]["t_img"], test_rows["t_img"][2])
+    assert counters.totals == {"images_decoded": 2, "captions_decoded": 6, "bad_images": 1,
+                               "bad_images/not_an_image": 1}
+    assert cache.read_split("val").num_rows == 0

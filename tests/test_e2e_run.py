@@ -1,7 +1,8 @@
 """End to end on a real local Ray instance, a real MLflow SQLite store and real files.
 
 One Ray instance serves the module. Each run is tiny (a 0.05 M-parameter student, 120 synthetic images),
-so what is exercised is the machinery: teacher actor pool, cache, Ray Train, recovery, eval and MLflow.
+so what is exercised is the machinery: teacher actor pool, cache, Ray Train, eval and MLflow (recovery from
+killed workers, actors and drivers: test_reliability.py, test_resume_cli.py).
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 def env(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("home")
     os.environ["RAYDISTILL_HOME"] = str(home)
-    marker = home / "killed"
     ray.init(address="local", num_cpus=6, include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     teacher = make_tiny_teacher(home / "teacher")
-    yield {"home": home, "teacher": teacher, "marker": marker}
+    yield {"home": home, "teacher": teacher}
     ray.shutdown()
 
 
@@ -44,23 +44,18 @@ def _check_recall(metrics: dict[str, float]) -> None:
     assert metrics["mean_recall"] == pytest.approx(metrics["rsum"] / 6)
 
 
-def test_stream_run_recovers_from_a_killed_worker_and_logs_everything(env, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("RAYDISTILL_KILL_WORKER_AT", f"4:{env['marker']}")
+def test_stream_run_saves_state_exports_the_student_and_logs_everything(env, tmp_path: Path) -> None:
+    # Recovery from a killed worker is tests/test_reliability.py's (state compared tensor for tensor).
     cfg = tiny_config(env["teacher"], tmp_path, steps=6)
     summary = run_experiment(cfg)
+    assert summary["planned_steps"] == 6 and summary["steps"] == 6 and summary["resumed_from_step"] is None
 
-    # The worker process died at step 4 (after the step-3 checkpoint); the restarted group resumed at 3.
-    assert env["marker"].read_text().startswith("killed at step 4")
-    assert summary["planned_steps"] == 6 and summary["steps"] == 6
-    assert summary["resumed_from_step"] == 3
-
-    # The final checkpoint holds the whole training state, restored across the restart.
+    # The final checkpoint holds the whole training state.
     state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=True)
     assert state["step"] == 6
-    balancer_state = state["balancer"]["_extra_state"]
-    assert balancer_state["step"] == 6  # the balancer saw all 6 steps, not 3 after the restart
+    assert state["balancer"]["_extra_state"]["step"] == 6
     queue_ptr = int(state["objective"]["queue_img.ptr"])
-    assert queue_ptr == (6 * 32) % 100  # 6 enqueues of 32 into a queue of 100: not (3 * 32) % 100
+    assert queue_ptr == (6 * 32) % 100  # 6 enqueues of 32 into a queue of 100
 
     # The exported student loads and gives unit-norm embeddings of the teacher's dimension.
     from raydistill.models.student import load_dual_encoder
@@ -125,6 +120,27 @@ def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path
     assert cached["steps"] == 6
     assert cached["metrics"]["teacher"]["rsum"] == pytest.approx(summary["metrics"]["teacher"]["rsum"])
     _check_recall(cached["metrics"]["student"])
+
+    # Small evaluation splits are read and decoded in the driver (eval.local_max_images), larger ones through
+    # Ray Data: both give the same evaluation set.
+    from dataclasses import fields
+
+    from raydistill.models.tokenizers import load_tokenizer
+    from raydistill.pipeline.counters import Counters
+    from raydistill.pipeline.datasets import read_records
+    from raydistill.pipeline.runner import TeacherSide, eval_sets
+
+    tokenizer = load_tokenizer(Path(summary["run_dir"]) / "tokenizer")
+    sets = []
+    for local_max in (10_000, 0):
+        c = tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "cache.mode=cache",
+                                                         f"eval.local_max_images={local_max}"])
+        records = read_records(c)
+        sets.append(eval_sets(c, {"test": records["test"]}, TeacherSide(c, records), Counters().start(),
+                              tokenizer)["test"])
+    assert sets[0].n_images == done["test"]["images"]
+    for f in fields(sets[0]):
+        np.testing.assert_array_equal(getattr(sets[0], f.name), getattr(sets[1], f.name), err_msg=f.name)
 
     # A cache made with other preprocessing is refused, with the reason.
     with pytest.raises(CacheError, match="stale.*preprocessing"):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -227,6 +228,21 @@ class EmbeddingCache:
             else:
                 done.update(i for i, s in zip(ids, t.column("split").to_pylist()) if s == split)
         return done
+
+    def read_split(self, split: str) -> pa.Table:
+        """Every cached row of one split, read in this process (for small splits: no Ray tasks).
+
+        Finalised splits hold each image once; rows of the split are returned in part-file order.
+        """
+        tables = []
+        for path in self.part_files():
+            with self.fs.open_input_file(path) as f:
+                t = pq.read_table(f)
+            tables.append(t.filter(pc.equal(t.column("split"), split)))
+        if not tables:
+            return _row_table({"image_id": [], "split": [], "captions": [], "caption_ids": [], "t_img": [],
+                               "t_txt": []}, 1)
+        return pa.concat_tables(tables, promote_options="default")
 
     def load_embeddings(self, image_ids: set[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """image_id -> (t_img [d], t_txt [n_captions, d]) for the given ids (all when None)."""

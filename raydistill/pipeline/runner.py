@@ -19,7 +19,7 @@ import ray
 
 from raydistill.config import Config, ConfigError, config_from_dict, dump_config
 from raydistill.pipeline import datasets as dsets
-from raydistill.pipeline.cache import CacheError, EmbeddingCache, make_fingerprint
+from raydistill.pipeline.cache import CacheError, EmbeddingCache, make_fingerprint, rows_from_cache_batch
 from raydistill.pipeline.counters import Counters
 from raydistill.pipeline.evaluate import EvalSet, build_eval_set, evaluate_student, evaluate_teacher
 
@@ -216,13 +216,21 @@ def eval_sets(cfg: Config, splits: dict[str, list[dict[str, Any]]], side: Teache
               tokenizer: Any) -> dict[str, EvalSet]:
     """Evaluation sets of several splits; the splits the cache lacks are embedded in one teacher pass."""
     rows: dict[str, list[dict[str, Any]]] = {}
+    local_max = cfg.eval.local_max_images
     if side is None:
         for split, records in splits.items():
-            rows[split] = dsets.decoded(dsets.records_dataset(records), cfg, counters).take_all()
+            if len(records) <= local_max:
+                rows[split] = dsets.decode_locally(dsets.column_batch([dsets.slim(r) for r in records]), cfg, counters)
+            else:
+                rows[split] = dsets.decoded(dsets.records_dataset(records), cfg, counters).take_all()
     else:
         complete = side.cache.complete_splits()
         for split in [s for s in splits if s in complete]:
-            rows[split] = dsets.decoded(dsets.from_cache(side.cache, split), cfg, counters).take_all()
+            if complete[split]["images"] <= local_max:
+                cached = rows_from_cache_batch(dsets.column_batch(side.cache.read_split(split).to_pydict()))
+                rows[split] = dsets.decode_locally(cached, cfg, counters)
+            else:
+                rows[split] = dsets.decoded(dsets.from_cache(side.cache, split), cfg, counters).take_all()
         missing = {s: r for s, r in splits.items() if s not in complete}
         if missing:
             rows.update(embed_splits(cfg, side, missing, counters, collect=True))
