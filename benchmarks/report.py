@@ -44,7 +44,7 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
     if r:
         out += [f"**Stream mode** (one epoch = {r['epoch_steps']} steps; {_machine(r)}):", "",
                 table(["", "value"], [
-                    ["teacher alone, s", r["t_teacher_s"]], ["student alone (cache mode), s", r["t_student_s"]],
+                    ["teacher alone, s", r["t_teacher_s"]], ["student alone (cache mode), s per epoch", r["t_student_s"]],
                     ["stream mode without a cache, s per epoch", r["t_stream_s"]],
                     ["**overlap efficiency** (t_teacher + t_student) / t_stream", round(r["overlap_efficiency"], 3)],
                     [f"{r['epochs']} epochs without a cache, s (teacher images embedded)",
