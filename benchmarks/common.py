@@ -129,32 +129,19 @@ def synth_records(n_images: int, image_size: int = 48, seed: int = 0) -> list[di
     return read_karpathy(json_path, json_path.parent / "images")
 
 
-def object_column(values: Sequence[Any]) -> np.ndarray:
-    """A 1-d object array holding ``values`` as they are (lists and arrays stay elements)."""
-    column = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        column[i] = value
-    return column
-
-
-def columns(rows: Sequence[dict[str, Any]], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Row dicts as a numpy batch of object columns."""
-    keys = list(keys) if keys is not None else list(rows[0])
-    return {k: object_column([r.get(k) for r in rows]) for k in keys}
-
-
 def decoded_inputs(records: list[dict[str, Any]], size: int, repeat_to: int | None = None) -> dict[str, np.ndarray]:
     """The records decoded once to uint8 [n, size, size, 3] image rows (the teacher stage's input).
 
     ``repeat_to``: cycle the records to this many rows (new ids), for longer measurements on a small set.
     """
+    from raydistill.pipeline.datasets import column_batch, slim
     from raydistill.pipeline.rows import decode_batch
 
     if repeat_to and repeat_to > len(records):
         records = [dict(r, image_id=f"{r['image_id']}#{i // len(records)}",
                         caption_ids=[f"{c}#{i // len(records)}" for c in r["caption_ids"]])
                    for i, r in enumerate(records[i % len(records)] for i in range(repeat_to))]
-    batch = columns(records, ("image_id", "path", "data", "captions", "caption_ids", "split"))
+    batch = column_batch([slim(r) for r in records])
     return decode_batch(batch, size=size, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=10**8)
 
 
@@ -250,12 +237,10 @@ def steady_rate(reports: list[dict[str, float]], key: str = "samples_per_s") -> 
 
 def cached_split(cfg: Any, cache_dir: str, split: str) -> dict[str, np.ndarray]:
     """A split's image rows from the embedding cache, decoded (``image``) with ``t_img`` / ``t_txt``."""
-    import pyarrow.parquet as pq
-
     from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
+    from raydistill.pipeline.datasets import column_batch
     from raydistill.pipeline.rows import decode_batch
 
-    table = pq.read_table(EmbeddingCache(cache_dir).part_paths_for_reading())
-    batch = columns([r for r in table.to_pylist() if r["split"] == split])
+    batch = column_batch(EmbeddingCache(cache_dir).read_split(split).to_pydict())
     return decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
                         max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)

@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         captions = [c for r in records[cfg.data.train_split] for c in r["captions"]]
         tokenizer = build_wordpiece_tokenizer(captions, vocab_size=cfg.student.vocab_size)
         max_len = student_max_len(cfg)
-        train = split_rows(cfg, filled["cache_dir"], cfg.data.train_split)
-        batch = common.columns(train)
-        batch["image"] = np.stack([r["image"] for r in train])
-        batch["t_img"] = np.stack([np.asarray(r["t_img"], np.float32) for r in train])
+        batch = common.cached_split(cfg, filled["cache_dir"], cfg.data.train_split)
         rows = explode_batch(batch, tokenizer, max_len, with_teacher=True)
         val = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.val_split), tokenizer, max_len)
         test = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.test_split), tokenizer, max_len)
