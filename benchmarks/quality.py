@@ -17,6 +17,11 @@ gives test-split mean and spread (sample standard deviation) over the seeds.
 
     python -m benchmarks.quality                               # the full table (about an hour on 2 cores)
     python -m benchmarks.quality --arms dsmd baseline --seeds 2  # just the headline gap
+    python -m benchmarks.quality --arms no_feature --merge         # add arms to results/quality.json
+
+``--merge`` keeps the arms already in the result file that this run does not re-measure; it refuses a file
+measured with other settings (steps, batch size, images, grid, seeds, teacher) or whose teacher scored
+differently on the test split (other data or weights).
 """
 
 from __future__ import annotations
@@ -109,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other arms of the existing result file (same settings and teacher required)")
     args = p.parse_args(argv)
+    previous = _previous(args) if args.merge else None
 
     import ray
     import torch
@@ -182,6 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arms[arm] = summary
 
     teacher_row = {k: teacher[k] for k in RECALLS} | {"params": teacher_params}
+    if previous is not None:
+        if abs(previous["teacher"]["rsum"] - teacher_row["rsum"]) > 1e-6:
+            raise SystemExit(f"--merge: the teacher scored RSUM {teacher_row['rsum']:.4f} on the test split, the "
+                             f"result file's {previous['teacher']['rsum']:.4f}: other data or weights; run all arms")
+        kept = {row["arm"]: {k: v for k, v in row.items() if k != "arm"} for row in previous["ablation"]
+                if row["arm"] not in arms}
+        runs = [r for r in previous["runs"] if r["arm"] in kept] + runs
+        arms = {name: (arms | kept)[name] for name in ARMS if name in arms or name in kept}
     figures: dict[str, Any] = {"teacher": teacher_row}
     if "dsmd" in arms:
         figures["distilled"] = arms["dsmd"] | {"of_teacher": arms["dsmd"]["rsum"] / teacher["rsum"]}
@@ -191,8 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
     figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
     figures["runs"] = runs
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {
-        "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)", "report_on": "test"}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge")} | {
+        "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)",
+        "report_on": "test"}
     out = common.result("quality", config, **figures)
     print(common.table(
         ["model", "lr", "R@1 i2t", "R@5 i2t", "R@10 i2t", "R@1 t2i", "R@5 t2i", "R@10 t2i", "RSUM", "± sd", "params"],
@@ -202,6 +219,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"DSMD - baseline: {figures['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
     common.write_result(out, args.out, args.tag)
     return out
+
+
+MERGE_KEYS = ("teacher", "lrs", "seeds", "steps", "batch_size", "images")
+
+
+def _previous(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The result file ``--merge`` adds to (None when there is none yet); refuses one with other settings."""
+    import json
+
+    path = Path(args.out or common.RESULTS) / ("quality" + (f"-{args.tag}" if args.tag else "") + ".json")
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    differ = [f"{k}: file {previous['config'].get(k)!r}, now {getattr(args, k)!r}" for k in MERGE_KEYS
+              if previous["config"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--merge: {path} was measured with other settings ({'; '.join(differ)}); "
+                         "use the same ones or run all arms without --merge")
+    return previous
 
 
 def _teacher_shapes(spec: dict[str, Any]) -> list[tuple[int, ...]]:

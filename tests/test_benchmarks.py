@@ -105,6 +105,18 @@ def test_quality(tmp_path: Path) -> None:
     assert 0 <= data["teacher"]["rsum"] <= 600 and data["teacher"]["params"] > 0
     assert ray.is_initialized()  # it left the module's instance running
 
+    # --merge re-measures one arm and keeps the others; other settings are refused before any work.
+    merged = quality.main(["--teacher", "tiny", "--arms", "no_cosine", "--lrs", "1e-3", "3e-3", "--seeds", "2",
+                           "--steps", "4", "--batch-size", "16", "--images", "120", "--threads", "1",
+                           "--out", str(tmp_path), "--merge"])
+    assert _written(tmp_path, "quality", merged)["config"]["arms"] == ["dsmd", "baseline", "no_cosine"]
+    assert merged["ablation"][:2] == data["ablation"][:2] and merged["gain_rsum"] == data["gain_rsum"]
+    assert [r["arm"] for r in merged["runs"]] == ["dsmd"] * 3 + ["baseline"] * 3 + ["no_cosine"] * 3
+    assert merged["runs"][:6] == data["runs"][:6]
+    with pytest.raises(SystemExit, match="steps: file 4, now 5"):
+        quality.main(["--teacher", "tiny", "--arms", "no_cosine", "--lrs", "1e-3", "3e-3", "--seeds", "2",
+                      "--steps", "5", "--batch-size", "16", "--images", "120", "--out", str(tmp_path), "--merge"])
+
 
 def test_scaling(tmp_path: Path) -> None:
     ray.shutdown()  # the benchmark builds its own local multi-node cluster
