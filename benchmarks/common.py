@@ -236,11 +236,13 @@ def steady_rate(reports: list[dict[str, float]], key: str = "samples_per_s") -> 
 
 
 def cached_split(cfg: Any, cache_dir: str, split: str) -> dict[str, np.ndarray]:
-    """A split's image rows from the embedding cache, decoded (``image``) with ``t_img`` / ``t_txt``."""
+    """A split's image rows from the embedding cache, decoded (``image``) with ``t_img`` / ``t_txt``, in
+    image-id order (the cache's part files come in the order the teacher pool finished them, which varies
+    from run to run, and a student trained on the rows would follow it)."""
     from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
     from raydistill.pipeline.datasets import column_batch
     from raydistill.pipeline.rows import decode_batch
 
-    batch = column_batch(EmbeddingCache(cache_dir).read_split(split).to_pydict())
+    batch = column_batch(EmbeddingCache(cache_dir).read_split(split).sort_by("image_id").to_pydict())
     return decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
                         max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)

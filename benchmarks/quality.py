@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"{len(rows['input_ids'])} training captions, val {val.n_images} / test {test.n_images} images; "
         f"teacher test RSUM {teacher['rsum']:.1f}")
 
+    teacher_row = {k: teacher[k] for k in RECALLS} | {"params": teacher_params}
+    if previous is not None and abs(previous["teacher"]["rsum"] - teacher_row["rsum"]) > 1e-6:
+        raise SystemExit(f"--merge: the teacher scored RSUM {teacher_row['rsum']:.4f} on the test split, the "
+                         f"result file's {previous['teacher']['rsum']:.4f}: other data or weights; run all arms")
     runs: list[dict[str, Any]] = []
 
     def run(arm: str, lr: float, seed: int) -> dict[str, Any]:
@@ -171,7 +175,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append(record)
         return record
 
-    arms: dict[str, dict[str, Any]] = {}
+    def result(measured: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The result object of the arms measured so far (with --merge, and the file's other arms)."""
+        arms, all_runs = dict(measured), list(runs)
+        if previous is not None:
+            kept = {row["arm"]: {k: v for k, v in row.items() if k != "arm"} for row in previous["ablation"]
+                    if row["arm"] not in measured}
+            all_runs = [r for r in previous["runs"] if r["arm"] in kept] + all_runs
+            arms = {name: (measured | kept)[name] for name in ARMS if name in measured or name in kept}
+        figures: dict[str, Any] = {"teacher": teacher_row}
+        if "dsmd" in arms:
+            figures["distilled"] = arms["dsmd"] | {"of_teacher": arms["dsmd"]["rsum"] / teacher["rsum"]}
+        if "baseline" in arms:
+            figures["baseline"] = arms["baseline"]
+        if "dsmd" in arms and "baseline" in arms:
+            figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
+        figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
+        figures["runs"] = all_runs
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge")} | {
+            "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)",
+            "report_on": "test"}
+        return common.result("quality", config, **figures), arms
+
+    measured: dict[str, dict[str, Any]] = {}
     for arm in args.arms:
         grid = [run(arm, lr, 0) for lr in args.lrs]
         best = max(grid, key=lambda r: r["val_rsum"])
@@ -187,36 +213,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
             "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
         })
-        arms[arm] = summary
+        measured[arm] = summary
+        if args.merge and arm != args.arms[-1]:  # each finished arm is kept: a long run cut short loses one arm
+            common.write_result(result(measured)[0], args.out, args.tag)
 
-    teacher_row = {k: teacher[k] for k in RECALLS} | {"params": teacher_params}
-    if previous is not None:
-        if abs(previous["teacher"]["rsum"] - teacher_row["rsum"]) > 1e-6:
-            raise SystemExit(f"--merge: the teacher scored RSUM {teacher_row['rsum']:.4f} on the test split, the "
-                             f"result file's {previous['teacher']['rsum']:.4f}: other data or weights; run all arms")
-        kept = {row["arm"]: {k: v for k, v in row.items() if k != "arm"} for row in previous["ablation"]
-                if row["arm"] not in arms}
-        runs = [r for r in previous["runs"] if r["arm"] in kept] + runs
-        arms = {name: (arms | kept)[name] for name in ARMS if name in arms or name in kept}
-    figures: dict[str, Any] = {"teacher": teacher_row}
-    if "dsmd" in arms:
-        figures["distilled"] = arms["dsmd"] | {"of_teacher": arms["dsmd"]["rsum"] / teacher["rsum"]}
-    if "baseline" in arms:
-        figures["baseline"] = arms["baseline"]
-    if "dsmd" in arms and "baseline" in arms:
-        figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
-    figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
-    figures["runs"] = runs
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge")} | {
-        "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)",
-        "report_on": "test"}
-    out = common.result("quality", config, **figures)
+    out, arms = result(measured)
     print(common.table(
         ["model", "lr", "R@1 i2t", "R@5 i2t", "R@10 i2t", "R@1 t2i", "R@5 t2i", "R@10 t2i", "RSUM", "± sd", "params"],
         [["teacher", None, *(teacher[k] for k in RECALLS), None, teacher_params]]
         + [[name, v["lr"], *(v[k] for k in RECALLS), v["rsum_std"], v["params"]] for name, v in arms.items()]))
-    if "gain_rsum" in figures:
-        print(f"DSMD - baseline: {figures['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
+    if "gain_rsum" in out:
+        print(f"DSMD - baseline: {out['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
     common.write_result(out, args.out, args.tag)
     return out
 

@@ -131,6 +131,13 @@ class TeacherConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N.")
     infer_batch_size: int = Field(64, gt=0, description="Mini-batch size inside one teacher call.")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor-pool resources and placement.")
+    in_driver: bool = Field(
+        True,
+        description="When the pool asks for no GPU, custom resources or node labels, the driver loads the teacher "
+        "itself: it reads the teacher's dimension and fingerprint there (no probe task) and embeds evaluation "
+        "splits of at most eval.local_max_images images in-process (no actor-pool start), with the actors' code, "
+        "counters and cache writes. false: always a probe task and the actor pool.",
+    )
 
     @model_validator(mode="after")
     def _needs_checkpoint(self) -> TeacherConfig:

@@ -14,64 +14,90 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from raydistill.config import load_config
 from raydistill.demo_assets import config_path
-from raydistill.pipeline.runner import log, run_experiment
+from raydistill.pipeline.runner import LOG_PREFIX, log, run_experiment
 
 # Each arm's learning rate: the best validation RSUM of the grid {5e-4, 1e-3, 2e-3} (seed 0, 300 steps, the
 # demo's data and student) in benchmarks/results/quality.json (`python -m benchmarks.quality --arms dsmd
 # baseline`). Distilled: 499.0 / 491.9 / 489.0; baseline: 310.9 / 351.3 / 165.4.
 DISTILLED_LR = 5e-4
 BASELINE_LR = 1e-3
+QUICK_STEPS = 20
+RAY_CPUS = 6  # logical CPUs of the demo's local instance: two Train workers of 2 CPUs, the teacher actor and tasks
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_recall")
 
 
 def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
     common = [f"output_dir={output_dir}", f"train.seed={seed}", "train.cpus_per_worker=2"]
     if quick:
-        # A smoke run: 400 scenes of the same generator and 30 steps (numbers are not comparable with the full demo).
-        common += ["data.synth.n_images=400", "train.steps=30", "train.eval_every=15", "train.checkpoint_every=30",
-                   "train.log_every=10", "distill.queue_size=1024"]
+        # A smoke run: 400 scenes of the same generator, 20 steps of 64 (numbers are not comparable with the full
+        # demo's; every stage still runs: teacher pool, cache, Ray Train, validation, checkpoint, eval, MLflow).
+        common += ["data.synth.n_images=400", f"train.steps={QUICK_STEPS}", "train.batch_size=64",
+                   "train.eval_every=10", f"train.checkpoint_every={QUICK_STEPS}", "train.log_every=5",
+                   "distill.queue_size=1024"]
     else:
         common += ["train.eval_every=50"]
     return common
 
 
 def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seeds: int | None = None) -> dict[str, Any]:
-    """Run teacher vs distilled vs baseline and return the comparison (the `--json` object)."""
+    """Run teacher vs distilled vs baseline and return the comparison (the `--json` object).
+
+    The two arms of a seed run at the same time on the local Ray instance (each a Ray Train run with its own
+    MLflow run): most of a small run is Ray start-up (processes importing torch, the Train controller, the
+    dataset coordinator), which leaves cores idle that the other arm uses. Their results do not depend on it:
+    each arm has its own seed, data order and worker.
+    """
     start = time.perf_counter()
     output_dir = str(Path(output_dir).resolve())
     n_seeds = seeds or 1
     from raydistill.demo_assets import ensure_demo_teacher
+    from raydistill.pipeline.datasets import read_records
     from raydistill.pipeline.runner import init_ray
 
-    init_ray(load_config(config_path("demo.yaml")))
+    demo_cfg = load_config(config_path("demo.yaml"), _arm_overrides(quick, output_dir, 0) + [f"ray.num_cpus={RAY_CPUS}"])
+
+    def prepare() -> None:
+        # Shared by both arms, so made once before they start: the synthetic dataset and the MLflow store; and
+        # the driver's own heavy imports. All of it while the local Ray instance starts (mostly waiting).
+        read_records(demo_cfg)
+        _create_tracking_store(demo_cfg)
+        import raydistill.models.student  # noqa: F401  (timm and transformers: the driver's teacher and eval)
+
+    _side_by_side(("prepare", prepare), ("ray", lambda: init_ray(demo_cfg)), main="ray")
     teacher_dir = ensure_demo_teacher(quick=quick)
     log(f"[demo] teacher: {teacher_dir}")
+    teacher_dim = _embed_dim(teacher_dir)
     distilled_runs, baseline_runs = [], []
     for seed in range(n_seeds):
         base = _arm_overrides(quick, output_dir, seed) + ["teacher.kind=raydistill", f"teacher.checkpoint={teacher_dir}"]
-        log(f"[demo] seed {seed}: distilled student (DSMD, lr {DISTILLED_LR:g})")
-        cfg = load_config(config_path("demo.yaml"), base + [f"train.lr={DISTILLED_LR}", "name=demo-dsmd"])
-        distilled_runs.append(run_experiment(cfg, tags={"demo.arm": "distilled", "demo.seed": str(seed)}))
-        teacher_dim = _embed_dim(distilled_runs[-1])
-        log(f"[demo] seed {seed}: undistilled baseline (ground-truth contrastive, lr {BASELINE_LR:g})")
-        cfg = load_config(
+        distilled_cfg = load_config(config_path("demo.yaml"), base + [f"train.lr={DISTILLED_LR}", "name=demo-dsmd"])
+        baseline_cfg = load_config(
             config_path("demo.yaml"),
             base + [f"train.lr={BASELINE_LR}", "name=demo-baseline", "distill.objective=ground_truth",
                     f"student.embed_dim={teacher_dim}"],
         )
-        baseline_runs.append(run_experiment(cfg, tags={"demo.arm": "baseline", "demo.seed": str(seed)}))
+        log(f"[demo] seed {seed}: distilled student (DSMD, lr {DISTILLED_LR:g}) and undistilled baseline "
+            f"(ground-truth contrastive, lr {BASELINE_LR:g}), side by side")
+        distilled, baseline = _side_by_side(
+            ("distilled", lambda: run_experiment(distilled_cfg, tags={"demo.arm": "distilled", "demo.seed": str(seed)})),
+            ("baseline", lambda: run_experiment(baseline_cfg, tags={"demo.arm": "baseline", "demo.seed": str(seed)})),
+        )
+        distilled_runs.append(distilled)
+        baseline_runs.append(baseline)
 
     log("[demo] embedding throughput of the three models (same images, batch and threads, one after another)")
+    speed = {"n": 256, "passes": 2} if quick else {}
     teacher = _row(distilled_runs[0]["metrics"]["teacher"], params=_teacher_params(teacher_dir),
-                   throughput=_images_per_s(teacher_dir))
-    distilled = _arm(distilled_runs) | {"images_per_s": _images_per_s(Path(distilled_runs[0]["student_dir"]))}
-    baseline = _arm(baseline_runs) | {"images_per_s": _images_per_s(Path(baseline_runs[0]["student_dir"]))}
+                   throughput=_images_per_s(teacher_dir, **speed))
+    distilled = _arm(distilled_runs) | {"images_per_s": _images_per_s(Path(distilled_runs[0]["student_dir"]), **speed)}
+    baseline = _arm(baseline_runs) | {"images_per_s": _images_per_s(Path(baseline_runs[0]["student_dir"]), **speed)}
     plot = Path(output_dir) / "demo_rsum_curves.png"
     _plot_curves(distilled_runs, baseline_runs, plot)
     uri = distilled_runs[0]["mlflow_tracking_uri"]
@@ -80,6 +106,7 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
         "distilled": distilled,
         "baseline": baseline,
         "seeds": n_seeds,
+        "quick": quick,
         "steps": distilled_runs[0]["steps"],
         "mlflow_tracking_uri": uri,
         "plot": str(plot),
@@ -90,11 +117,51 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     return summary
 
 
-def _embed_dim(summary: dict[str, Any]) -> int:
+def _side_by_side(*arms: tuple[str, Any], main: str | None = None) -> list[Any]:
+    """Run each ``(name, function)`` at the same time, ``main`` in this thread (``ray.init`` wants the main
+    thread) and the others in their own (their log lines carry the name); results in order.
+
+    The first failure is raised once every arm has ended (an arm is never left running behind an error).
+    """
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def target(name: str, fn: Any, tagged: bool = True) -> None:
+        if tagged:
+            LOG_PREFIX.set(f"[{name}] ")
+        try:
+            results[name] = fn()
+        except BaseException as error:  # re-raised in the caller's thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=target, args=arm, name=f"demo-{arm[0]}") for arm in arms if arm[0] != main]
+    for thread in threads:
+        thread.start()
+    for name, fn in arms:
+        if name == main:
+            target(name, fn, tagged=False)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [results[name] for name, _ in arms]
+
+
+def _create_tracking_store(cfg: Any) -> None:
+    """Create the MLflow store (and its experiment) before two runs reach for it at once."""
+    from mlflow.tracking import MlflowClient
+
+    from raydistill.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri, Path(cfg.output_dir)))
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+        client.create_experiment(cfg.tracking.experiment)
+
+
+def _embed_dim(model_dir: Path) -> int:
     import json
 
-    cfg = json.loads((Path(summary["student_dir"]) / "config.json").read_text())
-    return int(cfg["student"]["embed_dim"])
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["student"]["embed_dim"])
 
 
 def _teacher_params(teacher_dir: Path) -> int:
@@ -104,9 +171,9 @@ def _teacher_params(teacher_dir: Path) -> int:
     return int(model.num_parameters())
 
 
-def _images_per_s(model_dir: Path, n: int = 512, batch: int = 256) -> float:
-    """Image-embedding throughput of a saved dual encoder in this process: best of three passes over ``n``
-    random images at the model's input size (the cost does not depend on the pixels)."""
+def _images_per_s(model_dir: Path, n: int = 512, batch: int = 256, passes: int = 3) -> float:
+    """Image-embedding throughput of a saved dual encoder in this process: the best of ``passes`` passes over
+    ``n`` random images at the model's input size (the cost does not depend on the pixels)."""
     import numpy as np
     import torch
 
@@ -119,7 +186,7 @@ def _images_per_s(model_dir: Path, n: int = 512, batch: int = 256) -> float:
     best = 0.0
     with torch.inference_mode():
         model.encode_image(model.preprocess_images(images[:batch]))  # warm-up
-        for _ in range(3):
+        for _ in range(passes):
             start = time.perf_counter()
             for i in range(0, n, batch):
                 model.encode_image(model.preprocess_images(images[i:i + batch]))
@@ -189,4 +256,7 @@ def _print_table(s: dict[str, Any]) -> None:
         print("one seed per arm; `raydistill demo --seeds 2` states the spread", file=out)
     print(f"RSUM over training: {s['plot']}", file=out)
     print(f"compare the runs:   mlflow ui --backend-store-uri {s['mlflow_tracking_uri']}", file=out)
+    if s.get("quick"):
+        print(f"--quick is a smoke run ({s['steps']} steps): its recall numbers compare nothing; "
+              "`raydistill demo` trains the arms for real", file=out)
     print(f"({s['seconds']:.0f} s)", file=out)

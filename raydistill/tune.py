@@ -109,9 +109,10 @@ def trial_bundles(cfg: Config) -> list[dict[str, float]]:
     """The placement-group bundles of one trial (Train's workers reserve their own group on top).
 
     Tune puts every task a trial starts into the trial's group, so besides the trial's driver (bundle 0,
-    1 CPU) the group holds one bundle for the driver's own Ray tasks: reading the eval splits from the cache
+    1 CPU) the group holds one bundle for the driver's own Ray tasks: reading large eval splits from the cache
     and ``run_experiment``'s teacher probe, which loads the teacher once, where its actors would run, to read
-    its dimension and fingerprint (hence the teacher pool's CPUs, GPUs and custom resources).
+    its dimension and fingerprint (hence the teacher pool's CPUs, GPUs and custom resources; a CPU teacher
+    with no placement loads in the trial's driver instead: ``teacher.in_driver``).
     """
     pool = cfg.teacher.pool
     tasks: dict[str, float] = {"CPU": max(1.0, float(pool.num_cpus)), **pool.resources}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from raydistill.demo import QUICK_STEPS
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -29,6 +31,10 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
     assert summary["teacher"]["params"] > 5 * summary["distilled"]["params"]
     assert summary["distilled"]["params"] == summary["baseline"]["params"]
     assert summary["mlflow_tracking_uri"].startswith("sqlite:////")
+    assert summary["quick"] is True and summary["steps"] == QUICK_STEPS
+    # The two arms ran side by side, each with its own tagged log lines.
+    assert "[raydistill] [distilled] training demo student" in proc.stderr
+    assert "[raydistill] [baseline] training demo student" in proc.stderr
     assert Path(summary["plot"]).is_file()
     # The table and the MLflow hint reach the user.
     assert "distilled student" in proc.stderr and "mlflow ui --backend-store-uri" in proc.stderr
@@ -36,7 +42,8 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
 
     client = MlflowClient(summary["mlflow_tracking_uri"])
     for run_id in summary["runs"]["distilled"] + summary["runs"]["baseline"]:
-        assert client.get_run(run_id).data.metrics["test/rsum"] >= 0
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["test/rsum"] >= 0
 
 
 def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:

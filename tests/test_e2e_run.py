@@ -153,3 +153,42 @@ def test_ground_truth_baseline_needs_no_teacher(env, tmp_path: Path) -> None:
     assert summary["steps"] == 6
     assert summary["teacher_images_embedded"] == 0 and summary["metrics"]["teacher"] is None
     _check_recall(summary["metrics"]["student"])
+
+
+def test_teacher_in_the_driver_embeds_like_the_actor_pool(env, tmp_path: Path) -> None:
+    # With a CPU pool and no placement the driver loads the teacher (no probe task) and embeds small evaluation
+    # splits itself, with the actors' code: same embeddings, same counts, same cache as the actor pool.
+    from dataclasses import fields
+
+    from raydistill.models.tokenizers import build_wordpiece_tokenizer
+    from raydistill.pipeline.counters import Counters
+    from raydistill.pipeline.datasets import read_records
+    from raydistill.pipeline.runner import TeacherSide, eval_sets
+
+    results = {}
+    for in_driver in (True, False):
+        cfg = tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={tmp_path / f'cache-{in_driver}'}",
+                                                           f"teacher.in_driver={str(in_driver).lower()}"])
+        records = read_records(cfg)
+        tokenizer = build_wordpiece_tokenizer([c for r in records["train"] for c in r["captions"]], vocab_size=200)
+        side = TeacherSide(cfg, records)
+        assert (side.local is not None) == in_driver
+        side.cache.open(side.fingerprint, side.dim)
+        counters = Counters().start()
+        sets = eval_sets(cfg, {"test": records["test"], "val": records["val"]}, side, counters, tokenizer)
+        results[in_driver] = (side, sets, counters.get())
+
+    (local, local_sets, local_counts), (pool, pool_sets, pool_counts) = results[True], results[False]
+    assert local.fingerprint == pool.fingerprint and local.dim == pool.dim == TEACHER_DIM
+    n_images = sum(s.n_images for s in local_sets.values())
+    n_captions = sum(s.n_captions for s in local_sets.values())
+    for counts in (local_counts, pool_counts):
+        assert counts["teacher_images_embedded"] == n_images and counts["teacher_captions_embedded"] == n_captions
+    assert local.cache.complete_splits() == pool.cache.complete_splits()
+    for split in ("test", "val"):
+        for f in fields(local_sets[split]):
+            a, b = getattr(local_sets[split], f.name), getattr(pool_sets[split], f.name)
+            if np.asarray(a).dtype.kind == "f":
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{split}.{f.name}")
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{split}.{f.name}")

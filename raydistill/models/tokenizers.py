@@ -23,10 +23,14 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+from transformers import BertTokenizerFast  # AutoTokenizer pulls in torch: imported where it is used
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # Order fixes the ids of a built vocabulary: [PAD]=0 matches BERT's pad_token_id default.
@@ -231,6 +235,8 @@ def load_tokenizer(path_or_name: str | Path, local_files_only: bool | None = Non
         ValueError: a directory that holds no tokenizer files, or a hub name that cannot be loaded
             (offline, unknown name, no cache).
     """
+    from transformers import AutoTokenizer
+
     path = Path(path_or_name).expanduser()
     if path.is_file():
         return tokenizer_from_vocab(path, lowercase=True)

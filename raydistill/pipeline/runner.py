@@ -6,6 +6,7 @@ metric. :func:`embed` fills (or resumes) the embedding cache without training.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from raydistill.config import Config, ConfigError, config_from_dict, dump_config
@@ -27,9 +29,13 @@ RUN_RESULT = "result.json"
 RUN_CONFIG = "config.yaml"
 
 
+LOG_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("raydistill_log_prefix", default="")
+"""Put before every ``log`` line of the current thread (the demo's arms run side by side: ``[baseline] ``)."""
+
+
 def log(message: str) -> None:
     """Progress output of long work (stderr, so `--json` keeps stdout clean)."""
-    print(f"[raydistill] {message}", file=sys.stderr, flush=True)
+    print(f"[raydistill] {LOG_PREFIX.get()}{message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ ray
@@ -82,6 +88,12 @@ def teacher_spec(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if v is not None}
 
 
+def teacher_in_driver(cfg: Config) -> bool:
+    """Whether the driver loads the teacher itself (``teacher.in_driver`` and a pool with no GPU or placement)."""
+    pool = cfg.teacher.pool
+    return cfg.teacher.in_driver and not pool.num_gpus and not pool.resources and not pool.label_selector
+
+
 def probe_teacher(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
     """Load the teacher once where its actors will run and return its dimension and fingerprint."""
     pool = cfg.teacher.pool
@@ -108,15 +120,28 @@ def cache_for(cfg: Config, fingerprint: dict[str, Any]) -> EmbeddingCache:
 
 
 class TeacherSide:
-    """What a distillation run knows about its teacher: spec, dimension, fingerprint and cache."""
+    """What a distillation run knows about its teacher: spec, dimension, fingerprint and cache.
+
+    ``local`` is the teacher loaded in the driver (``teacher_in_driver``), used to embed small evaluation
+    splits without starting an actor pool; None when the teacher runs only in its actors.
+    """
 
     def __init__(self, cfg: Config, records: dict[str, list[dict[str, Any]]]) -> None:
         """``records``: every split of the source (the dataset identity covers all of them)."""
         from raydistill.data.sources import dataset_fingerprint
 
         self.spec = teacher_spec(cfg)
-        log(f"loading the teacher ({self.spec['kind']}: {self.spec.get('checkpoint')}) to read its dimension")
-        probe = probe_teacher(cfg, self.spec)
+        self.local = None
+        if teacher_in_driver(cfg):
+            from raydistill.models.teachers import load_teacher
+
+            log(f"loading the teacher ({self.spec['kind']}: {self.spec.get('checkpoint')}) in the driver")
+            self.local = load_teacher(self.spec)
+            probe = {"dim": int(self.local.dim), "fingerprint": self.local.fingerprint}
+        else:
+            log(f"loading the teacher ({self.spec['kind']}: {self.spec.get('checkpoint')}) where its actors run, "
+                "to read its dimension")
+            probe = probe_teacher(cfg, self.spec)
         self.dim = probe["dim"]
         used = [r for split in records.values() for r in split]
         self.fingerprint = make_fingerprint(
@@ -153,10 +178,14 @@ def embed_splits(cfg: Config, side: TeacherSide, splits: dict[str, list[dict[str
     collected = None
     if collect:
         everything = [r for records in splits.values() for r in records]
-        ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(everything), cfg, counters), cfg, side.spec,
-                                side.dim, cache, counters)
+        if side.local is not None and len(everything) <= cfg.eval.local_max_images:
+            log(f"embedding {len(everything)} evaluation images with the teacher in the driver")
+            rows = embed_locally(everything, cfg, side, counters)
+        else:
+            rows = dsets.with_teacher(dsets.decoded(dsets.records_dataset(everything), cfg, counters), cfg,
+                                      side.spec, side.dim, cache, counters).take_all()
         collected = {split: [] for split in splits}
-        for row in ds.take_all():
+        for row in rows:
             collected[str(row["split"])].append(row)
     elif todo:
         ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(todo), cfg, counters), cfg, side.spec,
@@ -168,6 +197,27 @@ def embed_splits(cfg: Config, side: TeacherSide, splits: dict[str, list[dict[str
         log(f"cache {cache.uri}: split {split!r} complete: {stats['images']} images, {stats['captions']} captions"
             + (f", {stats['duplicates_removed']} duplicate rows removed" if stats["duplicates_removed"] else ""))
     return collected
+
+
+def embed_locally(records: list[dict[str, Any]], cfg: Config, side: TeacherSide,
+                  counters: Counters) -> list[dict[str, Any]]:
+    """Decode and embed image records in the driver with the teacher it loaded: the actors' ``TeacherEmbedder``
+    (cache hits first, the same counters, the same cache parts), batch by batch as the pool would."""
+    from raydistill.pipeline.teacher_stage import TeacherEmbedder
+
+    decoded = dsets.decode_locally(dsets.column_batch([dsets.slim(r) for r in records]), cfg, counters)
+    embedder = TeacherEmbedder(side.spec, side.dim, side.cache.uri, cfg.cache.write_through, counters,
+                               fault_injection=False)
+    embedder.teacher = side.local
+    size = cfg.teacher.pool.batch_size
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(decoded), size):
+        chunk = decoded[start:start + size]
+        batch = dsets.column_batch(chunk)
+        batch["image"] = np.stack([r["image"] for r in chunk])  # [n, S, S, 3] uint8, as Ray Data batches it
+        out = embedder(batch)
+        rows.extend({k: v[i] for k, v in out.items()} for i in range(len(out["image_id"])))
+    return rows
 
 
 def _bad_ids(cfg: Config, records: list[dict[str, Any]], cache: EmbeddingCache, split: str) -> set[str]:

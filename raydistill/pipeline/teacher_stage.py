@@ -54,6 +54,7 @@ class TeacherEmbedder:
         write_through: write new embeddings to the cache.
         counters: the run's counters (images/captions embedded, cache hits/misses).
         num_threads: torch CPU threads of this actor (its reserved CPUs; Ray starts actors with one thread).
+        fault_injection: honour ``RAYDISTILL_KILL_TEACHER_AT`` (actors only: never in the driver).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class TeacherEmbedder:
         write_through: bool = True,
         counters: Counters | None = None,
         num_threads: int | None = None,
+        fault_injection: bool = True,
     ) -> None:
         if num_threads:
             import torch
@@ -78,6 +80,7 @@ class TeacherEmbedder:
         self.throughput = None
         self.known = self.cache.load_embeddings() if self.cache is not None else {}
         self.parts_written = 0
+        self.fault_injection = fault_injection
 
     def _model(self):
         if self.teacher is None:
@@ -146,7 +149,8 @@ class TeacherEmbedder:
                 }
             )
         self._record_throughput(len(miss), n_captions, time.perf_counter() - call_start)
-        _maybe_inject_fault(self.parts_written)
+        if self.fault_injection:
+            _maybe_inject_fault(self.parts_written)
         out = {k: v for k, v in batch.items() if k != "data"}
         out["t_img"] = t_img
         out["t_txt"] = t_txt
