@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo (no GPU, no network)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run of the same path: 400 scenes, 30 steps (about 3 minutes on 2 cores)")
+                   help="a smoke run of the same path: 400 scenes, 20 steps per arm (about 2 minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per student arm (default: 1; 2 for the spread)")
     p.add_argument("--output-dir", default="raydistill_runs/demo", help="where runs and the MLflow store go")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
