@@ -66,11 +66,16 @@ def result(benchmark: str, config: dict[str, Any], **figures: Any) -> dict[str, 
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}
 
 
+def result_path(benchmark: str, out_dir: str | os.PathLike | None = None, tag: str | None = None) -> Path:
+    """``<out_dir>/<benchmark>[-<tag>].json`` (``out_dir`` defaults to ``benchmarks/results``)."""
+    return (Path(out_dir) if out_dir else RESULTS) / (benchmark + (f"-{tag}" if tag else "") + ".json")
+
+
 def write_result(obj: dict[str, Any], out_dir: str | os.PathLike | None = None, tag: str | None = None) -> Path:
     """Write ``obj`` as ``<out_dir>/<benchmark>[-<tag>].json`` (temporary name, then rename)."""
-    folder = Path(out_dir) if out_dir else RESULTS
+    path = result_path(obj["benchmark"], out_dir, tag)
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (obj["benchmark"] + (f"-{tag}" if tag else "") + ".json")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)

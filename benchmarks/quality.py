@@ -235,7 +235,7 @@ def _previous(args: argparse.Namespace) -> dict[str, Any] | None:
     """The result file ``--merge`` adds to (None when there is none yet); refuses one with other settings."""
     import json
 
-    path = Path(args.out or common.RESULTS) / ("quality" + (f"-{args.tag}" if args.tag else "") + ".json")
+    path = common.result_path("quality", args.out, args.tag)
     if not path.exists():
         return None
     previous = json.loads(path.read_text())

@@ -52,8 +52,8 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     With ``quick`` the two arms of a seed run at the same time on the local Ray instance (each a Ray Train run
     with its own MLflow run): most of a smoke run is Ray start-up (processes importing torch, the Train
     controller, the dataset coordinator), which leaves cores idle that the other arm uses (on 2 cores the CPU
-    was 77 % busy with the arms one after the other, 90 % side by side). The full demo runs them one after the other: two
-    training loops of 2 threads each on 2 cores took 12 min 35 s side by side against 7 min 46 s in turn.
+    was 77 % busy with the arms one after the other, 90 % side by side). The full demo runs them one after
+    the other: two training loops of 2 threads each on 2 cores took 12 min 35 s side by side, 7 min 12 s in turn.
     Results do not depend on it: each arm has its own seed, data order and worker.
     """
     start = time.perf_counter()
@@ -165,9 +165,9 @@ def _create_tracking_store(cfg: Any) -> None:
 
 
 def _embed_dim(model_dir: Path) -> int:
-    import json
+    from raydistill.models.student import read_saved_config
 
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["student"]["embed_dim"])
+    return int(read_saved_config(model_dir)[0].embed_dim)
 
 
 def _teacher_params(teacher_dir: Path) -> int:
