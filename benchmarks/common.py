@@ -116,6 +116,9 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None, address:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        from raydistill.pipeline.runner import prepare_local_ray_env
+
+        prepare_local_ray_env()  # what `raydistill run` does for its local instances
         ray.init(address="local", num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), num_gpus=num_gpus,
                  include_dashboard=False, configure_logging=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()

@@ -57,12 +57,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     from benchmarks.teacher_throughput import teacher_spec
-    from raydistill.pipeline.runner import embed, run_experiment
+    from raydistill.pipeline.runner import embed, prepare_local_ray_env, run_experiment
 
     cluster = None
     if args.address:
         common.start_ray(address=args.address)
     else:
+        prepare_local_ray_env()
         cluster = local_cluster(max(args.workers), cpus_per_node=max(1, int(args.cpus_per_worker)), head_cpus=3)
         ray.init(address=cluster.address, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False

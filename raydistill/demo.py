@@ -21,7 +21,8 @@ from typing import Any
 
 from raydistill.config import load_config
 from raydistill.demo_assets import config_path
-from raydistill.pipeline.runner import LOG_PREFIX, log, run_experiment
+from raydistill.pipeline.progress import LOG_PREFIX, log
+from raydistill.pipeline.runner import run_experiment
 
 # Each arm's learning rate: the best validation RSUM of the grid {5e-4, 1e-3, 2e-3} (seed 0, 300 steps, the
 # demo's data and student) in benchmarks/results/quality.json (`python -m benchmarks.quality --arms dsmd

@@ -44,6 +44,12 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
     for run_id in summary["runs"]["distilled"] + summary["runs"]["baseline"]:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["test/rsum"] >= 0
+    # The baseline (ground-truth objective) never calls the teacher, so it has no teacher ceiling either.
+    distilled, baseline = (client.get_run(summary["runs"][arm][0]).data for arm in ("distilled", "baseline"))
+    assert distilled.params["distill.objective"] == "dsmd" and distilled.metrics["teacher_images_embedded"] > 0
+    assert distilled.metrics["teacher_test/rsum"] == pytest.approx(summary["teacher"]["rsum"])
+    assert baseline.params["distill.objective"] == "ground_truth" and baseline.metrics["teacher_images_embedded"] == 0
+    assert not any(key.startswith("teacher_test/") for key in baseline.metrics)
 
 
 def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:

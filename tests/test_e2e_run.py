@@ -44,18 +44,16 @@ def _check_recall(metrics: dict[str, float]) -> None:
     assert metrics["mean_recall"] == pytest.approx(metrics["rsum"] / 6)
 
 
-def test_stream_run_saves_state_exports_the_student_and_logs_everything(env, tmp_path: Path) -> None:
-    # Recovery from a killed worker is tests/test_reliability.py's (state compared tensor for tensor).
-    cfg = tiny_config(env["teacher"], tmp_path, steps=6)
-    summary = run_experiment(cfg)
-    assert summary["planned_steps"] == 6 and summary["steps"] == 6 and summary["resumed_from_step"] is None
+def _check_stream_run(summary: dict, planned: int) -> None:
+    """What every stream run leaves: the training state, the exported student, recall, the MLflow record."""
+    assert summary["planned_steps"] == planned and summary["steps"] == planned
+    assert summary["resumed_from_step"] is None
 
     # The final checkpoint holds the whole training state.
     state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=True)
-    assert state["step"] == 6
-    assert state["balancer"]["_extra_state"]["step"] == 6
-    queue_ptr = int(state["objective"]["queue_img.ptr"])
-    assert queue_ptr == (6 * 32) % 100  # 6 enqueues of 32 into a queue of 100
+    assert state["step"] == planned
+    assert state["balancer"]["_extra_state"]["step"] == planned
+    assert int(state["objective"]["queue_img.ptr"]) == (planned * 32) % 100  # an enqueue of 32 per step, queue 100
 
     # The exported student loads and gives unit-norm embeddings of the teacher's dimension.
     from raydistill.models.student import load_dual_encoder
@@ -65,25 +63,21 @@ def test_stream_run_saves_state_exports_the_student_and_logs_everything(env, tmp
     emb = model.encode_image(pixels)
     assert emb.shape == (2, TEACHER_DIM)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
-    assert extra["step"] == 6
+    assert extra["step"] == planned
 
     # Recall numbers are in range, for the student and the teacher's ceiling.
     _check_recall(summary["metrics"]["student"])
     _check_recall(summary["metrics"]["teacher"])
 
-    # The test split was embedded completely before training (the rest of the counting is the next test's).
-    counts = EmbeddingCache(summary["cache_dir"]).complete_splits()
-    assert summary["teacher_images_embedded"] >= counts["test"]["images"] > 0
-
     # MLflow holds the params, the per-step losses and weights, the eval metrics and the artifacts.
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.steps"] == "6"
+    assert run.data.params["train.epochs"] == "2"
     assert run.data.params["balancer.kind"] == "dsmd"
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss/contrastive")]
-    assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) == 6
-    assert client.get_metric_history(summary["run_id"], "weight/hard_negative")[-1].step == 6
+    assert steps == list(range(1, planned + 1))
+    assert client.get_metric_history(summary["run_id"], "weight/hard_negative")[-1].step == planned
     assert run.data.metrics["test/rsum"] == pytest.approx(summary["metrics"]["student"]["rsum"])
     assert run.data.metrics["teacher_test/rsum"] == pytest.approx(summary["metrics"]["teacher"]["rsum"])
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
@@ -92,12 +86,21 @@ def test_stream_run_saves_state_exports_the_student_and_logs_everything(env, tmp
     assert table["student"]["rsum"] == pytest.approx(summary["metrics"]["student"]["rsum"])
 
 
-def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path) -> None:
+def _actor_classes() -> set[str]:
+    """Class names of every actor this instance has run, live or dead (from the GCS: no dashboard here)."""
+    return {a["ActorClassName"] for a in ray._private.state.actors().values()}
+
+
+def test_stream_run_with_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     # Two epochs of a 96-image training split: the first pass embeds and writes through, the second hits.
     cfg = tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "train.steps=null",
                                                        "train.epochs=2"], steps=1)
     summary = run_experiment(cfg)
+    # A local instance runs no preemption watcher (runner.LOCAL_RAY_ENV; tests/conftest.py sets it as
+    # `raydistill run` does).
+    assert {"TrainController", "RayTrainWorker"} <= _actor_classes()
+    assert "PreemptionWatcher" not in _actor_classes()
     cache = EmbeddingCache(str(cache_dir))
     done = cache.complete_splits()
     assert set(done) == {"train", "test"}
@@ -107,7 +110,7 @@ def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path
     assert summary["teacher_captions_embedded"] == n_captions
     assert summary["cache_hits"] == done["train"]["images"]  # epoch 2 read every training image from the cache
     assert summary["dataset_images"] == n_images and summary["dataset_captions"] == n_captions
-    assert summary["steps"] == summary["planned_steps"] == 2 * (done["train"]["captions"] // 32)
+    _check_stream_run(summary, planned=2 * (done["train"]["captions"] // 32))
 
     # embed resumes: train and test are complete, so only the validation split (never used by the run) is new.
     again = embed(cfg)
@@ -145,14 +148,6 @@ def test_write_through_then_cache_mode_runs_the_teacher_once(env, tmp_path: Path
     # A cache made with other preprocessing is refused, with the reason.
     with pytest.raises(CacheError, match="stale.*preprocessing"):
         run_experiment(tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "data.decode_size=40"]))
-
-
-def test_ground_truth_baseline_needs_no_teacher(env, tmp_path: Path) -> None:
-    cfg = tiny_config(env["teacher"], tmp_path, extra=["distill.objective=ground_truth", "student.embed_dim=16"])
-    summary = run_experiment(cfg)
-    assert summary["steps"] == 6
-    assert summary["teacher_images_embedded"] == 0 and summary["metrics"]["teacher"] is None
-    _check_recall(summary["metrics"]["student"])
 
 
 def test_teacher_in_the_driver_embeds_like_the_actor_pool(env, tmp_path: Path) -> None:

@@ -116,6 +116,8 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
     state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
     assert state["step"] == STEPS and state["balancer"]["_extra_state"]["step"] == STEPS
     assert json.loads((run_dir / "result.json").read_text())["steps"] == STEPS
+    # The worker's progress lines reach the driver once each (Ray Train's patched print used to double them).
+    assert resumed.stderr.count(f"[raydistill] step {STEPS}/{STEPS} ") == 1
 
     # One MLflow run, continued: every step's loss logged exactly once across the two drivers.
     client = MlflowClient(summary["mlflow_tracking_uri"])

@@ -7,7 +7,6 @@ ground_truth objective: records -> decode -> explode              (no teacher at
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from raydistill.demo_assets import raydistill_home
 from raydistill.data.sources import DataError, read_coco_captions, read_karpathy, read_manifest, read_webdataset
 from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
 from raydistill.pipeline.counters import Counters
+from raydistill.pipeline.progress import log
 from raydistill.pipeline.rows import decode_batch, explode_batch
 from raydistill.pipeline.teacher_stage import TeacherEmbedder
 
@@ -30,8 +30,7 @@ def read_records(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         from raydistill.data.synth import ensure_synth_dataset
 
         s = data.synth
-        print(f"[raydistill] synthetic captioned scenes: {s.n_images} images at {s.image_size} px (seed {s.seed})",
-              file=sys.stderr, flush=True)
+        log(f"synthetic captioned scenes: {s.n_images} images at {s.image_size} px (seed {s.seed})")
         json_path = ensure_synth_dataset(
             raydistill_home() / "synth",
             n_images=s.n_images,

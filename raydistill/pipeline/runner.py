@@ -6,7 +6,6 @@ metric. :func:`embed` fills (or resumes) the embedding cache without training.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import shutil
@@ -25,21 +24,27 @@ from raydistill.pipeline import datasets as dsets
 from raydistill.pipeline.cache import CacheError, EmbeddingCache, make_fingerprint, rows_from_cache_batch
 from raydistill.pipeline.counters import Counters
 from raydistill.pipeline.evaluate import EvalSet, build_eval_set, evaluate_student, evaluate_teacher
+from raydistill.pipeline.progress import log
 
 RUN_RESULT = "result.json"
 RUN_CONFIG = "config.yaml"
 
 
-LOG_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("raydistill_log_prefix", default="")
-"""Put before every ``log`` line of the current thread (the demo's arms run side by side: ``[baseline] ``)."""
-
-
-def log(message: str) -> None:
-    """Progress output of long work (stderr, so `--json` keeps stdout clean)."""
-    print(f"[raydistill] {LOG_PREFIX.get()}{message}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------ ray
+LOCAL_RAY_ENV = {
+    # Nothing preempts the nodes of a local instance: skip Ray Train's preemption watcher, an actor process per
+    # training run (and per restart) that costs seconds of CPU on a small machine.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def prepare_local_ray_env() -> None:
+    """Set :data:`LOCAL_RAY_ENV` (where the user has not) before a local instance starts: its processes inherit
+    the environment of the driver that starts it."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to the configured cluster, or start a small local instance."""
     if ray.is_initialized():
@@ -49,6 +54,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 2))
+        prepare_local_ray_env()
         ray.init(
             address="local",
             num_cpus=cpus,

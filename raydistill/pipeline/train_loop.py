@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydistill.pipeline.progress import log
+
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 
@@ -331,7 +333,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         trainer.restore(latest_checkpoint(Path(config["checkpoint_root"])))
         resumed_from = trainer.step
         if rank == 0:
-            print(f"[raydistill] resumed from step {trainer.step} (epoch {trainer.epoch})", flush=True)
+            log(f"resumed from step {trainer.step} (epoch {trainer.epoch})")
 
     tracker = None
     if rank == 0 and config.get("mlflow"):
@@ -407,10 +409,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     extra = {k: v for k, v in metrics.items() if k in ("samples_per_s", "step_time_s", "val_rsum")}
                     tracker.log_metrics(extra, step=trainer.step)
                 live.record(metrics)
-                print(
-                    f"[raydistill] step {trainer.step}/{planned} loss {out['loss/total']:.4g} "
-                    f"lr {out['lr']:.2e} {metrics.get('samples_per_s', 0):.0f} samples/s", flush=True
-                )
+                log(f"step {trainer.step}/{planned} loss {out['loss/total']:.4g} "
+                    f"lr {out['lr']:.2e} {metrics.get('samples_per_s', 0):.0f} samples/s")
             if trainer.step % ckpt_every == 0 or trainer.step == planned:
                 if tracker is not None:
                     # Everything up to a checkpoint is in MLflow before it: a restart re-logs only later steps.
