@@ -59,6 +59,9 @@ UPLOAD_EXCLUDES: tuple[str, ...] = (
     "*.pt",
     "*.ckpt",
     "*.safetensors",
+    # ... except the demo teacher raydistill ships (20 MB): the working directory's raydistill/ comes first on
+    # the job's Python path, and without its weights a `teacher.kind: demo` job would refit it on first use.
+    "!/raydistill/assets/demo-teacher/model.safetensors",
     "raydistill_runs/",
     "ray_results/",
     "mlruns/",

@@ -179,12 +179,14 @@ def test_excludes_as_ray_applies_them(tmp_path: Path) -> None:
 
     root = tmp_path / "proj"
     kept = ["raydistill/data/sources.py", "raydistill/pipeline/cache.py", "configs/quick.yaml",
-            "tests/test_x.py", "pyproject.toml", "clusters/aws.yaml", "docs/clusters.md"]
+            "tests/test_x.py", "pyproject.toml", "clusters/aws.yaml", "docs/clusters.md",
+            "raydistill/assets/demo-teacher/model.safetensors"]
     dropped = ["data/flickr30k/1.jpg", "cache/abc/part-0.parquet", "checkpoints/step_10/state.pt",
                "raydistill_runs/runs/quick/result.json", "benchmarks/raydistill_runs/x.json", "mlruns/0/meta.yaml",
                "mlflow.db", "sub/other.db", ".git/HEAD", ".env", ".env.local", "keys/id_rsa", "keys/id_ed25519.pub",
                "deploy/server.pem", ".aws/credentials", "gcp/credentials.json", "my-service-account-key.json",
-               "models/beit3/beit3_base.pth", "weights/student.safetensors", "raydistill/__pycache__/x.cpython-311.pyc",
+               "models/beit3/beit3_base.pth", "weights/student.safetensors",
+               "sub/raydistill/assets/demo-teacher/model.safetensors", "raydistill/assets/demo-teacher/x.safetensors", "raydistill/__pycache__/x.cpython-311.pyc",
                ".venv/bin/python", "ray_results/run/x", "mlartifacts/1/a.txt"]
     for rel in kept + dropped:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
