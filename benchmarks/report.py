@@ -62,7 +62,7 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
         c = r["config"]
         keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
         rows = [["teacher", None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
-        rows += [[a["arm"], f"{a['lr']:g}", *(round(a[k], 1) for k in keys), round(a["rsum_std"], 1), a["params"]]
+        rows += [[a["arm"], f"{a['lr']:g}", *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}", a["params"]]
                  for a in r["ablation"]]
         out += [f"**Quality** ({c['student']} student, {c['steps']} steps of {c['batch_size']}, learning rate per arm "
                 f"from {c['lrs']} on validation RSUM, test-split mean of {c['seeds']} seeds):", "",

@@ -113,6 +113,13 @@ def test_quality(tmp_path: Path) -> None:
     assert merged["ablation"][:2] == data["ablation"][:2] and merged["gain_rsum"] == data["gain_rsum"]
     assert [r["arm"] for r in merged["runs"]] == ["dsmd"] * 3 + ["baseline"] * 3 + ["no_cosine"] * 3
     assert merged["runs"][:6] == data["runs"][:6]
+    # The README's table (benchmarks.report): RSUM and its spread over seeds, one decimal each.
+    from benchmarks import report
+
+    md = report.render(tmp_path)
+    for row in merged["ablation"]:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {row['arm']} |"))
+        assert f"| {row['rsum']:.1f} | {row['rsum_std']:.1f} | {row['params']:,} |" in line
     with pytest.raises(SystemExit, match="steps: file 4, now 5"):
         quality.main(["--teacher", "tiny", "--arms", "no_cosine", "--lrs", "1e-3", "3e-3", "--seeds", "2",
                       "--steps", "5", "--batch-size", "16", "--images", "120", "--out", str(tmp_path), "--merge"])
