@@ -217,11 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.merge and arm != args.arms[-1]:  # each finished arm is kept: a long run cut short loses one arm
             common.write_result(result(measured)[0], args.out, args.tag)
 
-    out, arms = result(measured)
-    print(common.table(
-        ["model", "lr", "R@1 i2t", "R@5 i2t", "R@10 i2t", "R@1 t2i", "R@5 t2i", "R@10 t2i", "RSUM", "± sd", "params"],
-        [["teacher", None, *(teacher[k] for k in RECALLS), None, teacher_params]]
-        + [[name, v["lr"], *(v[k] for k in RECALLS), v["rsum_std"], v["params"]] for name, v in arms.items()]))
+    from benchmarks.report import quality_table
+
+    out = result(measured)[0]
+    print(quality_table(out))
     if "gain_rsum" in out:
         print(f"DSMD - baseline: {out['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
     common.write_result(out, args.out, args.tag)

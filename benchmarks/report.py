@@ -21,6 +21,15 @@ def _machine(r: dict[str, Any]) -> str:
     return f"{h['cpus']} CPUs ({h['cpu']}){gpus}; torch {r['versions']['torch']}, ray {r['versions']['ray']}"
 
 
+def quality_table(r: dict[str, Any]) -> str:
+    """The quality result's table: the teacher, then each arm at its chosen rate, its test mean and spread."""
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    rows = [["teacher", None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
+    rows += [[a["arm"], f"{a['lr']:g}", *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}", a["params"]]
+             for a in r["ablation"]]
+    return table(["model", "lr", "I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM", "± sd", "params"], rows)
+
+
 def render(folder: Path = RESULTS, tag: str | None = None) -> str:
     suffix = f"-{tag}" if tag else ""
     out: list[str] = []
@@ -60,14 +69,9 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
     r = _load("quality" + suffix, folder)
     if r:
         c = r["config"]
-        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-        rows = [["teacher", None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
-        rows += [[a["arm"], f"{a['lr']:g}", *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}", a["params"]]
-                 for a in r["ablation"]]
         out += [f"**Quality** ({c['student']} student, {c['steps']} steps of {c['batch_size']}, learning rate per arm "
                 f"from {c['lrs']} on validation RSUM, test-split mean of {c['seeds']} seeds):", "",
-                table(["model", "lr", "I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM", "± sd", "params"],
-                      rows), ""]
+                quality_table(r), ""]
         if "gain_rsum" in r:
             out.append(f"DSMD − baseline: **{r['gain_rsum']:+.1f} RSUM**; the distilled student reaches "
                        f"{100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
