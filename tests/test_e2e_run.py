@@ -99,8 +99,8 @@ def test_stream_run_with_write_through_then_cache_mode_runs_the_teacher_once(env
     summary = run_experiment(cfg)
     # A local instance runs no preemption watcher (runner.LOCAL_RAY_ENV; tests/conftest.py sets it as
     # `raydistill run` does).
-    assert {"TrainController", "RayTrainWorker"} <= _actor_classes()
-    assert "PreemptionWatcher" not in _actor_classes()
+    actors = _actor_classes()
+    assert {"TrainController", "RayTrainWorker"} <= actors and "PreemptionWatcher" not in actors
     cache = EmbeddingCache(str(cache_dir))
     done = cache.complete_splits()
     assert set(done) == {"train", "test"}
