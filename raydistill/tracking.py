@@ -192,8 +192,9 @@ def sanitize_key(key: str) -> str:
     """``key`` made acceptable to MLflow as a param, metric or tag name.
 
     MLflow accepts alphanumerics, ``_ - . / : `` and spaces, and names that stay the same under path
-    normalisation (no leading ``/``, no ``//``, ``.`` or ``..`` segments); names are at most 250 chars.
-    Other characters become ``_``, empty and dot segments are dropped (``..`` becomes ``__``).
+    normalisation (no leading ``/``, no ``//``, ``.`` or ``..`` segments) and do not start with ``..``; names
+    are at most 250 chars. Other characters become ``_``, empty and dot segments are dropped (``..`` becomes
+    ``__``), and the dots of a leading run of two or more become ``_`` (``..0`` becomes ``__0``).
 
     Args:
         key: Any name, e.g. ``"loss/contrastive"`` or ``"weight[img→txt]"``.
@@ -206,7 +207,11 @@ def sanitize_key(key: str) -> str:
         if segment in ("", "."):
             continue
         segments.append("__" if segment == ".." else segment)
-    name = "/".join(segments)[:MAX_KEY_LENGTH].rstrip("/")
+    name = "/".join(segments)
+    if name.startswith(".."):  # MLflow refuses any name that starts with "..", not only a ".." segment
+        dots = len(name) - len(name.lstrip("."))
+        name = "_" * dots + name[dots:]
+    name = name[:MAX_KEY_LENGTH].rstrip("/")
     # Truncation can leave a trailing "." segment; path normalisation would change it.
     while name and posixpath.normpath(name) != name:
         name = name[:-1].rstrip("/")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
@@ -167,12 +167,15 @@ def test_sanitize_key_examples() -> None:
     assert sanitize_key("weight[img→txt]") == "weight_img_txt_"  # "→" is not a word character
     assert sanitize_key("/a//b/./c/") == "a/b/c"
     assert sanitize_key("../up") == "__/up"
+    assert sanitize_key("..0") == "__0"  # MLflow refuses a name starting with "..", whatever follows
+    assert sanitize_key("./...a/b") == "___a/b"
     assert sanitize_key("") == "_"
     assert len(sanitize_key("k" * 400)) == 250
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
+@example("..0")  # once found by CI: MLflow refuses every name that starts with ".."
 def test_sanitize_key_output_is_accepted_by_mlflow(key: str) -> None:
     name = sanitize_key(key)
     _validate_metric_name(name)  # MLflow's own check: raises on an invalid name
