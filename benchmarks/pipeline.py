@@ -3,7 +3,8 @@
 Times, all wall clock on the same data and model, each a fresh Ray Data / Ray Train execution:
 
 - ``t_teacher``: the teacher stage alone over the training split (actor pool, no training);
-- ``t_student``: training alone for one epoch, from a complete cache (cache mode);
+- ``t_student``: training alone, per epoch over ``epochs`` epochs, from a complete cache (cache mode: the
+  cache the write-through run below filled);
 - ``epochs`` epochs in stream mode without a cache (the teacher pool feeding the worker; it re-runs every
   epoch: Ray re-executes the dataset); ``t_stream`` is its time per epoch;
 - ``overlap_efficiency`` = (t_teacher + t_student) / t_stream: 1 means no overlap (the stages took turns),
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.teacher_throughput import teacher_spec
     from raydistill.pipeline import datasets as dsets
-    from raydistill.pipeline.runner import embed, run_experiment
+    from raydistill.pipeline.runner import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -89,17 +90,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t_teacher = teacher_pass(probe, spec)
         many = [f"train.steps={epoch * args.epochs}", f"train.checkpoint_every={epoch * args.epochs}",
                 f"train.log_every={max(1, epoch // 4)}"]
-        # The student alone runs as many epochs as the stream runs, so that both spread their start-up over the
-        # same number of epochs (one epoch alone made t_student 83 s against 57 s per stream epoch on 2 cores).
-        log(f"student alone for {args.epochs} epochs (cache mode)")
-        cached = cfg_for("cached", many + ["cache.mode=cache"])
-        embed(cached)
-        t_student = run_experiment(cached)["train_seconds"] / args.epochs
         log(f"stream mode for {args.epochs} epochs without a cache")
         no_cache = run_experiment(cfg_for("no-cache", many + ["cache.write_through=false"]))
         log(f"stream mode for {args.epochs} epochs with write-through")
         write_through = run_experiment(cfg_for("write-through", many + ["cache.write_through=true"]))
         t_stream = no_cache["train_seconds"] / args.epochs
+        # The student alone runs as many epochs as the stream runs, so that both spread their start-up over the
+        # same number of epochs (one epoch alone made t_student 83 s against 57 s per stream epoch on 2 cores). It
+        # reads the cache the write-through run filled (the same rows `raydistill embed` would write).
+        log(f"student alone for {args.epochs} epochs (cache mode, the write-through run's cache)")
+        cached = run_experiment(cfg_for("write-through", many + ["cache.mode=cache", "name=student-alone"]))
+        if cached["teacher_images_embedded"]:
+            raise RuntimeError(f"the student-alone run embedded {cached['teacher_images_embedded']} images: the "
+                               "write-through run left its cache incomplete")
+        t_student = cached["train_seconds"] / args.epochs
 
     figures = {
         "epoch_steps": epoch,

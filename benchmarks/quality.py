@@ -11,17 +11,21 @@ data, steps, batch size, optimizer and schedule:
 - ``balancer_<kind>``: DSMD with another balancer (``dsmd_rate``, ``fixed`` equal weights, ``dwa``,
   ``uncertainty``).
 
-Each arm gets its own best learning rate from a small grid, chosen on the validation split with seed 0 (a
-baseline at a bad learning rate flatters distillation); then the other seeds run at that rate, and the table
-gives test-split mean and spread (sample standard deviation) over the seeds.
+Each arm gets its own best learning rate from a small grid (a baseline at a bad learning rate flatters
+distillation): every rate of the grid runs with every seed, and the rate with the best mean validation RSUM over
+the seeds is chosen (choosing on one seed favoured rates at the edge of stability, where another seed
+collapsed). The table gives the test-split mean and spread (sample standard deviation) over the seeds at that
+rate.
 
-    python -m benchmarks.quality                               # the full table (about an hour on 2 cores)
+    python -m benchmarks.quality                               # the full table (about three hours on 2 cores)
     python -m benchmarks.quality --arms dsmd baseline --seeds 2  # just the headline gap
     python -m benchmarks.quality --arms no_feature --merge         # add arms to results/quality.json
 
-``--merge`` keeps the arms already in the result file that this run does not re-measure; it refuses a file
-measured with other settings (steps, batch size, images, grid, seeds, teacher) or whose teacher scored
-differently on the test split (other data or weights).
+``--merge`` keeps the arms already in the result file that this run does not re-measure, and reuses the file's
+runs (arm, rate, seed) of the arms it measures instead of training them again (a run is deterministic for its
+settings; ``--rerun`` trains them again); it refuses a file measured with other settings (steps, batch size,
+images, grid, seeds, teacher) or whose teacher scored differently on the test split (other data or weights).
+Rows measured by the earlier protocol (rate chosen on seed 0 alone) say so in their ``select_on``.
 """
 
 from __future__ import annotations
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None)
     p.add_argument("--merge", action="store_true",
-                   help="keep the other arms of the existing result file (same settings and teacher required)")
+                   help="keep the other arms of the existing result file and reuse its runs (same settings and "
+                        "teacher required)")
+    p.add_argument("--rerun", action="store_true", help="with --merge: train the measured arms' runs again")
     args = p.parse_args(argv)
     previous = _previous(args) if args.merge else None
 
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """The result object of the arms measured so far (with --merge, and the file's other arms)."""
         arms, all_runs = dict(measured), list(runs)
         if previous is not None:
-            kept = {row["arm"]: {k: v for k, v in row.items() if k != "arm"} for row in previous["ablation"]
-                    if row["arm"] not in measured}
+            kept = {row["arm"]: {"select_on": LEGACY_SELECT_ON} | {k: v for k, v in row.items() if k != "arm"}
+                    for row in previous["ablation"] if row["arm"] not in measured}
             all_runs = [r for r in previous["runs"] if r["arm"] in kept] + all_runs
             arms = {name: (measured | kept)[name] for name in ARMS if name in measured or name in kept}
         figures: dict[str, Any] = {"teacher": teacher_row}
@@ -193,23 +199,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
         figures["runs"] = all_runs
         config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge")} | {
-            "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": "val_rsum (seed 0)",
+            "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": SELECT_ON,
             "report_on": "test"}
         return common.result("quality", config, **figures), arms
 
+    stored = {} if previous is None or args.rerun else {
+        (r["arm"], r["lr"], r["seed"]): r for r in previous["runs"] if r["arm"] in args.arms}
     measured: dict[str, dict[str, Any]] = {}
     for arm in args.arms:
-        grid = [run(arm, lr, 0) for lr in args.lrs]
-        best = max(grid, key=lambda r: r["val_rsum"])
-        chosen = [best] + [run(arm, best["lr"], seed) for seed in range(1, args.seeds)]
-        tests = [r["test"] for r in chosen]
+        grid: dict[float, list[dict[str, Any]]] = {}
+        for seed in range(args.seeds):
+            for lr in args.lrs:
+                reused = stored.get((arm, lr, seed))
+                if reused is not None:
+                    log(f"{arm} lr {lr:g} seed {seed}: reused from the result file")
+                    runs.append(reused)
+                grid.setdefault(lr, []).append(reused or run(arm, lr, seed))
+        mean_val = {lr: statistics.fmean(r["val_rsum"] for r in seeds) for lr, seeds in grid.items()}
+        best = max(args.lrs, key=lambda lr: mean_val[lr])
+        tests = [r["test"] for r in grid[best]]
         summary = {k: statistics.fmean(t[k] for t in tests) for k in RECALLS}
         summary.update({
             "rsum_std": statistics.stdev([t["rsum"] for t in tests]) if len(tests) > 1 else 0.0,
             "rsum_per_seed": [t["rsum"] for t in tests],
-            "lr": best["lr"],
-            "val_rsum_by_lr": {f"{r['lr']:g}": r["val_rsum"] for r in grid},
-            "params": best["params"],
+            "lr": best,
+            "select_on": SELECT_ON,
+            "val_rsum_by_lr": {f"{lr:g}": mean_val[lr] for lr in args.lrs},
+            "params": grid[best][0]["params"],
             "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
             "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
         })
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
+SELECT_ON = "mean val_rsum over seeds"
+LEGACY_SELECT_ON = "val_rsum (seed 0)"  # the first protocol: the grid on seed 0, the other seeds at its best rate
 MERGE_KEYS = ("teacher", "lrs", "seeds", "steps", "batch_size", "images")
 
 

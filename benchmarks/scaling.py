@@ -3,7 +3,8 @@
 By default this starts a local multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and one node
 per worker, each its own raylet) so that the workers really are on different nodes and all-reduce over
 gloo between processes. Each worker trains on ``--batch-size`` samples per step (weak scaling); total
-samples/s is reported per worker count with ``efficiency`` = rate(N) / (N x rate(1)).
+samples/s is reported per worker count with ``efficiency`` = rate(N) / (N x rate(1)) (with ``--workers`` not
+starting at 1: relative to the per-worker rate of the smallest count measured).
 
 What a 2-core machine can and cannot show: the code path (placement over nodes, DDP, the gradient
 all-reduce, the sharded cache feed) is real, but N workers share the same two cores, so total samples/s
@@ -34,6 +35,14 @@ def local_cluster(nodes: int, cpus_per_node: int, head_cpus: int) -> Any:
         cluster.add_node(num_cpus=cpus_per_node)
     cluster.wait_for_nodes()
     return cluster
+
+
+def add_efficiency(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``efficiency``: its total rate over N times the per-worker rate of the smallest N."""
+    smallest = min(rows, key=lambda row: row["workers"])
+    per_worker = smallest["samples_per_s"] / smallest["workers"]
+    for row in rows:
+        row["efficiency"] = row["samples_per_s"] / (row["workers"] * per_worker)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -97,9 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
-    one = rows[0]["samples_per_s"] / rows[0]["workers"]
-    for row in rows:
-        row["efficiency"] = row["samples_per_s"] / (row["workers"] * one)
+    add_efficiency(rows)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {"nodes": nodes, "image_size": size}
     note = ("local multi-node cluster on one machine: every worker shares the same CPU cores, so this shows "
             "that the distributed path works, not how it scales") if cluster is not None else "real cluster"

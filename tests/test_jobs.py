@@ -274,7 +274,8 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 def _stop(proc: subprocess.Popen, marker: str) -> None:
     """Stop a process this test started, then (one by one) what it started: its descendants and anything still
-    running from our temp folder."""
+    running from our temp folder. Five seconds of grace, then SIGKILL: `ray start --block` stops its node's
+    processes one by one with a grace period each (over 30 s here), and nothing of this test's cluster is kept."""
     procs = _processes()
     family, stack = [], [proc.pid]
     while stack:
@@ -285,7 +286,7 @@ def _stop(proc: subprocess.Popen, marker: str) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
