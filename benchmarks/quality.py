@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
         figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
         figures["runs"] = all_runs
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge")} | {
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge", "rerun")} | {
             "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": SELECT_ON,
             "report_on": "test"}
         return common.result("quality", config, **figures), arms
