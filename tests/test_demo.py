@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.demo import QUICK_STEPS
+from raydistill.demo import QUICK_RAY_CPUS, QUICK_STEPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -50,6 +50,10 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
     assert distilled.metrics["teacher_test/rsum"] == pytest.approx(summary["teacher"]["rsum"])
     assert baseline.params["distill.objective"] == "ground_truth" and baseline.metrics["teacher_images_embedded"] == 0
     assert not any(key.startswith("teacher_test/") for key in baseline.metrics)
+    # A smoke run's local instance: one torch thread per side-by-side arm (the logged config says so).
+    for arm in (distilled, baseline):
+        assert (arm.params["ray.num_cpus"], arm.params["train.cpus_per_worker"]) == (str(QUICK_RAY_CPUS), "1.0")
+    assert "State API may be temporarily unavailable" not in proc.stderr  # the dashboard serves Train's cleaner
 
 
 def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:
