@@ -39,7 +39,10 @@ RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
 def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
     # --quick trains its two arms side by side: a worker of 1 CPU (one torch thread) each keeps them at 2 threads on
     # 2 cores; at 2 each, the oversubscribed threads cost about 45 s of CPU more for the same results.
-    common = [f"output_dir={output_dir}", f"train.seed={seed}", f"train.cpus_per_worker={1 if quick else 2}"]
+    # The local Ray instance keeps its dashboard: Ray Train's placement-group cleaner asks the dashboard's State API
+    # whether the controller is alive, and warns every second when it cannot.
+    common = [f"output_dir={output_dir}", f"train.seed={seed}", f"train.cpus_per_worker={1 if quick else 2}",
+              f"ray.num_cpus={QUICK_RAY_CPUS if quick else RAY_CPUS}"]
     if quick:
         # A smoke run: 400 scenes of the same generator, 10 steps of 64 (numbers are not comparable with the full
         # demo's; every stage still runs: teacher pool, cache, Ray Train, validation, checkpoint, eval, MLflow).
@@ -49,12 +52,6 @@ def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
     else:
         common += ["train.eval_every=50"]
     return common
-
-
-def _ray_overrides(quick: bool) -> list[str]:
-    """The local Ray instance's logical CPUs (its dashboard stays on: Ray Train's placement-group cleaner asks the
-    dashboard's State API whether the controller is alive, and warns every second when it cannot)."""
-    return [f"ray.num_cpus={QUICK_RAY_CPUS if quick else RAY_CPUS}"]
 
 
 def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seeds: int | None = None) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     from raydistill.pipeline.datasets import read_records
     from raydistill.pipeline.runner import init_ray, warm_imports
 
-    demo_cfg = load_config(config_path("demo.yaml"), _arm_overrides(quick, output_dir, 0) + _ray_overrides(quick))
+    demo_cfg = load_config(config_path("demo.yaml"), _arm_overrides(quick, output_dir, 0))
 
     def prepare() -> None:
         # Shared by both arms, so made once before they start: the synthetic dataset and the MLflow store; and
@@ -89,8 +86,7 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     teacher_dim = _embed_dim(teacher_dir)
     distilled_runs, baseline_runs = [], []
     for seed in range(n_seeds):
-        base = _arm_overrides(quick, output_dir, seed) + _ray_overrides(quick) + [
-            "teacher.kind=raydistill", f"teacher.checkpoint={teacher_dir}"]
+        base = _arm_overrides(quick, output_dir, seed) + ["teacher.kind=raydistill", f"teacher.checkpoint={teacher_dir}"]
         distilled_cfg = load_config(config_path("demo.yaml"), base + [f"train.lr={DISTILLED_LR}", "name=demo-dsmd"])
         baseline_cfg = load_config(
             config_path("demo.yaml"),
