@@ -52,6 +52,7 @@ UPLOAD_EXCLUDES: tuple[str, ...] = (
     "*.egg-info/",
     # datasets, caches, run outputs, checkpoints, MLflow stores
     "/data/",
+    "/tests/data/",  # the test suite's fixture files: a job never reads them
     "/cache/",
     "/checkpoints/",
     "/models/",

@@ -1,15 +1,16 @@
-"""Shared test fixtures: the real data samples beside the checkout, and seeding."""
+"""Shared test set-up: the environment of local Ray instances, a fresh asset folder, and seeding.
+
+Real files the tests read are committed under tests/data (see tests/real_data.py); nothing outside the
+repository is read.
+"""
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Ray >= 2.59 turns token authentication on for local clusters; tests that start `ray start --head`
 # choose their mode explicitly, everything else runs with it off.
@@ -28,22 +29,6 @@ def pytest_configure(config: pytest.Config) -> None:
         import tempfile
 
         os.environ["RAYDISTILL_HOME"] = tempfile.mkdtemp(prefix="raydistill-test-home-")
-
-
-def _shared_dir() -> Path:
-    env = os.environ.get("RAYDISTILL_SHARED")
-    return Path(env) if env else REPO.parent / "shared"
-
-
-@pytest.fixture(scope="session")
-def real_data() -> Path:
-    """`shared/data/real` beside the checkout (CI lays a copy of shared/ there)."""
-    path = _shared_dir() / "data" / "real"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"real test samples not found at {path}; set RAYDISTILL_SHARED to the shared/ folder"
-        )
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from real_data import COCO_TRAIN_IMAGES, GREYSCALE_JPEG, LANDSCAPE_JPEG, val_jpegs
 from raydistill.data import images as images_module
 from raydistill.data.images import BadImageError, decode_image, open_uri, resize_center_crop, uri_size
 
@@ -113,8 +114,8 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert (decoded == decoded[..., :1]).all()
 
 
-def test_real_grayscale_coco_jpeg_decodes_to_three_channels(real_data: Path):
-    path = real_data / "coco-mini" / "val2017" / "000000431848.jpg"
+def test_real_grayscale_coco_jpeg_decodes_to_three_channels():
+    path = GREYSCALE_JPEG
     with Image.open(path) as image:
         assert image.mode == "L"
         reference = np.asarray(image)
@@ -124,9 +125,9 @@ def test_real_grayscale_coco_jpeg_decodes_to_three_channels(real_data: Path):
         np.testing.assert_array_equal(decoded[..., channel], reference)
 
 
-def test_real_rgb_jpegs_match_pillow(real_data: Path):
-    folder = real_data / "coco-mini" / "train2017"
-    for path in sorted(folder.glob("*.jpg"))[:5]:
+def test_real_rgb_jpegs_match_pillow():
+    # Train images, three of them with an ICC profile (kept as stored: no colour conversion).
+    for path in sorted(COCO_TRAIN_IMAGES.glob("*.jpg")) + val_jpegs(3):
         with Image.open(path) as image:
             reference = np.asarray(image.convert("RGB"))
         np.testing.assert_array_equal(decode_image(path), reference)
@@ -154,8 +155,8 @@ def test_exif_orientation_is_applied(orientation, reference):
     np.testing.assert_array_equal(decoded, reference(stored))
 
 
-def test_exif_rotated_real_jpeg_comes_out_upright(tmp_path: Path, real_data: Path):
-    source = real_data / "coco-mini" / "val2017" / "000000397133.jpg"
+def test_exif_rotated_real_jpeg_comes_out_upright(tmp_path: Path):
+    source = LANDSCAPE_JPEG
     with Image.open(source) as image:
         width, height = image.size
         exif = Image.Exif()
@@ -201,8 +202,8 @@ def test_directory_is_unreadable(tmp_path: Path):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.1])
-def test_truncated_real_jpeg_is_corrupt(real_data: Path, keep: float):
-    data = (real_data / "coco-mini" / "val2017" / "000000397133.jpg").read_bytes()
+def test_truncated_real_jpeg_is_corrupt(keep: float):
+    data = LANDSCAPE_JPEG.read_bytes()
     with pytest.raises(BadImageError) as info:
         decode_image(data[: int(len(data) * keep)], name="cut.jpg")
     assert info.value.reason == "corrupt"

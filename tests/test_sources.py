@@ -1,4 +1,5 @@
-"""Dataset readers on the real samples (Karpathy, COCO) and on manifests and shards built from real JPEGs."""
+"""Dataset readers on the real samples committed in tests/data (COCO images and captions, read as COCO files and
+as a Karpathy file built from them) and on manifests and shards built from real JPEGs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from real_data import (
+    COCO,
+    COCO_TRAIN_CAPTIONS,
+    COCO_TRAIN_IMAGES,
+    COCO_VAL_CAPTIONS,
+    COCO_VAL_CAPTIONS_EXCERPT,
+    COCO_VAL_IMAGES,
+    val_jpegs,
+    write_karpathy_from_coco,
+)
 from raydistill.data.images import decode_image
 from raydistill.data.sources import (
     DataError,
@@ -73,52 +84,46 @@ def test_clean_caption(raw, cleaned):
 # ---------------------------------------------------------------------------------------------- Karpathy
 
 
-def test_karpathy_flickr8k_subset(real_data: Path):
-    json_path = real_data / "karpathy-flickr8k-subset" / "dataset_flickr8k_subset41.json"
-    image_root = real_data / "flickr8k-sic-translator" / "images"
+def test_karpathy_coco_layout_on_real_files(tmp_path: Path):
+    json_path = write_karpathy_from_coco(tmp_path / "dataset_coco.json")
     stats = ReadStats()
-    records = read_karpathy(json_path, image_root, stats=stats)
+    records = read_karpathy(json_path, COCO, stats=stats)
     _check_records(records)
-    assert stats == ReadStats(images=41, captions=205, dropped_captions=0, dropped_images=0)
-    assert summarize(records) == {"images": 41, "captions": 205, "splits": {"train": 28, "val": 13}}
+    assert stats == ReadStats(images=14, captions=70, dropped_captions=0, dropped_images=0)
+    assert summarize(records) == {"images": 14, "captions": 70, "splits": {"test": 5, "train": 3, "val": 6}}
 
     raw = json.loads(json_path.read_text())["images"]
     for record, item in zip(records, raw):  # file order, ids and texts straight from the JSON
-        assert record["image_id"] == Path(item["filename"]).stem
-        assert record["path"] == str(image_root / item["filename"])
+        assert record["image_id"] == str(item["cocoid"])
+        assert record["path"] == str(COCO / item["filepath"] / item["filename"])
+        assert Path(record["path"]).is_file()
         assert record["caption_ids"] == [str(s["sentid"]) for s in item["sentences"]]
         assert record["captions"] == [" ".join(s["raw"].split()) for s in item["sentences"]]
-        assert record["split"] == item["split"]
+        assert record["split"] == ("train" if item["split"] == "restval" else item["split"])
     first = records[0]
-    assert first["image_id"] == "2513260012_03d33305cf"
-    assert first["caption_ids"] == ["0", "1", "2", "3", "4"]
-    assert first["captions"][1] == "Black dog chasing brown dog through snow"
-    quirky = {r["image_id"]: r for r in records}["2926786902_815a99a154"]
-    assert "Somone is high in the air doing a ski jump ." in quirky["captions"]  # kept as written
-
-
-def test_karpathy_split_selection(real_data: Path):
-    json_path = real_data / "karpathy-flickr8k-subset" / "dataset_flickr8k_subset41.json"
-    val = read_karpathy(json_path, "/images", splits="val")
-    assert len(val) == 13 and {r["split"] for r in val} == {"val"}
-    both = read_karpathy(json_path, "/images", splits=["train", "val"])
-    assert len(both) == 41
-    with pytest.raises(DataError) as info:
-        read_karpathy(json_path, "/images", splits=["val", "test"])
-    message = str(info.value)
-    assert "'test'" in message and "['train', 'val']" in message and "dataset_flickr8k_subset41.json" in message
-
-
-def test_karpathy_six_images_decode(real_data: Path):
-    json_path = real_data / "karpathy-flickr8k-subset" / "dataset_flickr8k_subset6_with_images.json"
-    records = read_karpathy(json_path, real_data / "flickr8k-sic-translator" / "images")
-    assert len(records) == 6 and Counter(r["split"] for r in records) == {"train": 3, "val": 3}
+    assert first["image_id"] == "408805" and first["caption_ids"] == ["0", "1", "2", "3", "4"]
+    # Stray spaces and an embedded newline, as written in COCO's captions, come out cleaned.
+    assert "an offica kitchen with white cabinets and some yellow walls" in first["captions"]  # typo kept
+    bowl = {r["image_id"]: r for r in records}["99053"]
+    assert "A bowl of food that looks like worms and some greens." in bowl["captions"]
     for record in records:
         with Image.open(record["path"]) as image:
             reference = np.asarray(image.convert("RGB"))
-        decoded = decode_image(record["path"])
-        np.testing.assert_array_equal(decoded, reference)
-        assert 198 <= min(decoded.shape[:2]) and max(decoded.shape[:2]) <= 500
+        np.testing.assert_array_equal(decode_image(record["path"]), reference)
+
+
+def test_karpathy_split_selection(tmp_path: Path):
+    json_path = write_karpathy_from_coco(tmp_path / "dataset_coco.json")
+    val = read_karpathy(json_path, "/images", splits="val")
+    assert len(val) == 6 and {r["split"] for r in val} == {"val"}
+    both = read_karpathy(json_path, "/images", splits=["train", "val"])
+    assert len(both) == 9
+    assert [r["image_id"] for r in read_karpathy(json_path, "/images", splits="restval")] == \
+        ["408805", "231460", "196393"]  # restval is read as train
+    with pytest.raises(DataError) as info:
+        read_karpathy(json_path, "/images", splits=["val", "extra"])
+    message = str(info.value)
+    assert "'extra'" in message and "['test', 'train', 'val']" in message and "dataset_coco.json" in message
 
 
 def test_karpathy_coco_layout_filepath_cocoid_restval(tmp_path: Path):
@@ -203,22 +208,19 @@ def test_json_readers_reject_non_utf8_and_bad_json(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------- COCO
 
 
-def test_coco_mini_val_all_159(real_data: Path):
-    root = real_data / "coco-mini"
-    json_path = root / "annotations" / "captions_val2017_all159_from_official.json"
+def test_coco_val_real_files():
     stats = ReadStats()
-    records = read_coco_captions(json_path, root / "val2017", "val", stats=stats)
+    records = read_coco_captions(COCO_VAL_CAPTIONS, COCO_VAL_IMAGES, "val", stats=stats)
     _check_records(records)
-    assert stats == ReadStats(images=159, captions=795, dropped_captions=0, dropped_images=0)
+    assert stats == ReadStats(images=11, captions=55, dropped_captions=0, dropped_images=0)
     assert all(len(r["captions"]) == 5 and r["split"] == "val" for r in records)
     assert all(Path(r["path"]).is_file() for r in records)
 
     by_caption_id = {cid: caption for r in records for cid, caption in zip(r["caption_ids"], r["captions"])}
-    # The three captions with an embedded newline in the official file.
+    # A caption with an embedded newline, and ones with trailing spaces, in the official file.
     assert by_caption_id["332123"] == "A bowl of food that looks like worms and some greens."
-    assert by_caption_id["555895"] == "Two pizza pies sitting atop a stove getting ready to be cut ."
-    assert by_caption_id["607448"] == "Individual is doing something at the moment that is intriguing."
-    assert by_caption_id["11734"] == "An orange reddish rose in a vase filled with water on top of a table."
+    assert by_caption_id["468803"] == "A man in a bathroom looking at himself in the mirror."
+    assert by_caption_id["761464"] == "a person riding a motorcycle on a a foggy road"
 
     grey = {r["image_id"]: r for r in records}["431848"]
     decoded = decode_image(grey["path"])
@@ -226,25 +228,27 @@ def test_coco_mini_val_all_159(real_data: Path):
     assert (decoded[..., 0] == decoded[..., 1]).all() and (decoded[..., 1] == decoded[..., 2]).all()
 
 
-def test_coco_mini_train(real_data: Path):
-    root = real_data / "coco-mini"
-    records = read_coco_captions(root / "annotations" / "captions_train2017.json", root / "train2017", "train")
-    assert summarize(records) == {"images": 80, "captions": 400, "splits": {"train": 80}}
+def test_coco_train_real_files():
+    records = read_coco_captions(COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, "train")
+    assert summarize(records) == {"images": 3, "captions": 15, "splits": {"train": 3}}
 
 
-def test_coco_full_val2017_caption_counts(real_data: Path):
-    json_path = real_data / "coco-captions-val2017" / "captions_val2017.json"
-    records = read_coco_captions(json_path, "/coco/val2017", "val")
+def test_coco_val2017_excerpt_caption_counts():
+    """Records of the official val2017 file: images with 6 and 7 captions, and captions with newlines."""
+    records = read_coco_captions(COCO_VAL_CAPTIONS_EXCERPT, "/coco/val2017", "val")
     _check_records(records)
-    assert summarize(records)["images"] == 5000 and summarize(records)["captions"] == 25014
-    assert Counter(len(r["captions"]) for r in records) == {5: 4987, 6: 12, 7: 1}
-    raw = json.loads(json_path.read_text())
+    assert summarize(records)["images"] == 26 and summarize(records)["captions"] == 144
+    assert Counter(len(r["captions"]) for r in records) == {5: 13, 6: 12, 7: 1}
+    raw = json.loads(COCO_VAL_CAPTIONS_EXCERPT.read_text())
     seven = {r["image_id"]: r for r in records}["431896"]
     expected = [a for a in raw["annotations"] if a["image_id"] == 431896]
     assert len(seven["captions"]) == 7
     assert seven["caption_ids"] == [str(a["id"]) for a in expected]
     assert seven["captions"] == [" ".join(a["caption"].split()) for a in expected]
     assert [r["image_id"] for r in records] == [str(image["id"]) for image in raw["images"]]
+    by_caption_id = {cid: caption for r in records for cid, caption in zip(r["caption_ids"], r["captions"])}
+    assert by_caption_id["555895"] == "Two pizza pies sitting atop a stove getting ready to be cut ."
+    assert by_caption_id["607448"] == "Individual is doing something at the moment that is intriguing."
 
 
 def test_coco_drops_captionless_images_and_validates(tmp_path: Path):
@@ -274,12 +278,8 @@ def test_coco_drops_captionless_images_and_validates(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------- manifests
 
 
-def _real_jpegs(real_data: Path, n: int) -> list[Path]:
-    return sorted((real_data / "coco-mini" / "val2017").glob("*.jpg"))[:n]
-
-
-def test_manifest_jsonl_image_level_and_caption_level(tmp_path: Path, real_data: Path):
-    jpegs = _real_jpegs(real_data, 3)
+def test_manifest_jsonl_image_level_and_caption_level(tmp_path: Path):
+    jpegs = val_jpegs(3)
     (tmp_path / "imgs").mkdir()
     for jpeg in jpegs:
         shutil.copy(jpeg, tmp_path / "imgs" / jpeg.name)
@@ -313,8 +313,8 @@ def test_manifest_jsonl_image_level_and_caption_level(tmp_path: Path, real_data:
     assert moved[0]["path"] == f"s3://bucket/data/imgs/{jpegs[0].name}"
 
 
-def test_manifest_parquet_with_bytes_and_paths(tmp_path: Path, real_data: Path):
-    jpegs = _real_jpegs(real_data, 3)
+def test_manifest_parquet_with_bytes_and_paths(tmp_path: Path):
+    jpegs = val_jpegs(3)
     table = pa.table({
         "image": [None, str(jpegs[1]), str(jpegs[2])],  # absolute paths are kept
         "image_bytes": [jpegs[0].read_bytes(), None, None],
@@ -335,10 +335,10 @@ def test_manifest_parquet_with_bytes_and_paths(tmp_path: Path, real_data: Path):
         np.testing.assert_array_equal(decode_image(records[0]["data"]), np.asarray(image.convert("RGB")))
 
 
-def test_manifest_jsonl_base64_bytes_default_id_is_content_hash(tmp_path: Path, real_data: Path):
+def test_manifest_jsonl_base64_bytes_default_id_is_content_hash(tmp_path: Path):
     import hashlib
 
-    data = _real_jpegs(real_data, 1)[0].read_bytes()
+    data = val_jpegs(1)[0].read_bytes()
     manifest = tmp_path / "m.ndjson"
     manifest.write_text(json.dumps({"image_bytes": base64.b64encode(data).decode(), "caption": "x",
                                     "image_id": None}) + "\n")
@@ -409,8 +409,8 @@ def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
             _add_member(tar, name, data)
 
 
-def test_webdataset_img2dataset_layout(tmp_path: Path, real_data: Path):
-    jpegs = [p.read_bytes() for p in _real_jpegs(real_data, 5)]
+def test_webdataset_img2dataset_layout(tmp_path: Path):
+    jpegs = [p.read_bytes() for p in val_jpegs(5)]
     png = io.BytesIO()
     Image.new("RGB", (4, 3), (9, 8, 7)).save(png, format="PNG")
     _write_shard(tmp_path / "shard-00000.tar", [
@@ -454,8 +454,8 @@ def test_webdataset_img2dataset_layout(tmp_path: Path, real_data: Path):
     assert read_source("webdataset", shards=[(gz / "s.tar.gz").as_uri()])[0]["captions"] == ["zipped"]
 
 
-def test_webdataset_errors(tmp_path: Path, real_data: Path):
-    jpeg = _real_jpegs(real_data, 1)[0].read_bytes()
+def test_webdataset_errors(tmp_path: Path):
+    jpeg = val_jpegs(1)[0].read_bytes()
     _write_shard(tmp_path / "a.tar", [("k.jpg", jpeg), ("k.txt", b"x")])
     _write_shard(tmp_path / "b.tar", [("k.jpg", jpeg), ("k.txt", b"y")])
     with pytest.raises(DataError, match="duplicate image id 'k'"):
@@ -493,8 +493,8 @@ def test_expand_shards_braces():
 # ---------------------------------------------------------------------------------------------- utilities
 
 
-def test_read_source_dispatch(real_data: Path):
-    json_path = real_data / "karpathy-flickr8k-subset" / "dataset_flickr8k_subset41.json"
+def test_read_source_dispatch(tmp_path: Path):
+    json_path = write_karpathy_from_coco(tmp_path / "dataset_coco.json")
     assert read_source("karpathy", json_path=json_path, image_root="/x", splits="val") == \
         read_karpathy(json_path, "/x", splits="val")
     with pytest.raises(ValueError, match=r"unknown data source kind 'csv'; allowed: \['coco', 'karpathy', "
@@ -502,19 +502,18 @@ def test_read_source_dispatch(real_data: Path):
         read_source("csv", path="x")
 
 
-def test_caption_rows_explode_records(real_data: Path):
-    root = real_data / "coco-mini"
-    records = read_coco_captions(root / "annotations" / "captions_train2017.json", root / "train2017", "train")
+def test_caption_rows_explode_records():
+    records = read_coco_captions(COCO_VAL_CAPTIONS_EXCERPT, COCO_VAL_IMAGES, "val")
     rows = caption_rows(records)
-    assert len(rows) == 400 and set(rows[0]) == {"caption_id", "image_id", "caption"}
+    assert len(rows) == 144 and set(rows[0]) == {"caption_id", "image_id", "caption"}
     naive = [(cid, r["image_id"], c) for r in records for cid, c in zip(r["caption_ids"], r["captions"])]
     assert [(row["caption_id"], row["image_id"], row["caption"]) for row in rows] == naive
     with pytest.raises(DataError, match="2 captions but 1 caption ids"):
         caption_rows([{"image_id": "x", "captions": ["a", "b"], "caption_ids": ["1"]}])
 
 
-def test_dataset_fingerprint(tmp_path: Path, real_data: Path):
-    jpegs = _real_jpegs(real_data, 3)
+def test_dataset_fingerprint(tmp_path: Path):
+    jpegs = val_jpegs(3)
     folder = tmp_path / "one"
     folder.mkdir()
     for jpeg in jpegs:

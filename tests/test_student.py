@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
+from real_data import LANDSCAPE_JPEG, PORTRAIT_JPEG
 from raydistill.models.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess_images
 from raydistill.models.student import (
     PRESETS,
@@ -496,9 +497,9 @@ def test_center_crop_without_resize_is_exact() -> None:
 @pytest.mark.parametrize(
     ("interpolation", "pil_filter"), [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)]
 )
-def test_resize_and_crop_match_a_pil_pipeline(real_data: Path, interpolation: str, pil_filter: int) -> None:
-    # Real COCO photos, one landscape (426 x 640) and one portrait (640 x 424), sized as a list.
-    files = [real_data / "coco-mini" / "val2017" / name for name in ("000000000139.jpg", "000000000802.jpg")]
+def test_resize_and_crop_match_a_pil_pipeline(interpolation: str, pil_filter: int) -> None:
+    # Real COCO photos, one landscape (640 x 427) and one portrait (480 x 640), sized as a list.
+    files = [LANDSCAPE_JPEG, PORTRAIT_JPEG]
     images = [np.asarray(Image.open(path).convert("RGB")) for path in files]
     out = preprocess_images(images, image_size=224, resize_size=256, interpolation=interpolation)
     assert out.shape == (2, 3, 224, 224)

@@ -7,7 +7,6 @@ Every model here is tiny (16-wide, 2 layers, 32 px) and saved the way unilm publ
 from __future__ import annotations
 
 import io
-import json
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from real_data import coco_captions, coco_image_batch
 from raydistill.models.teachers import TeacherLoadError, load_teacher
 from raydistill.models.teachers.beit3_arch import BEiT3Retrieval, make_config
 from raydistill.models.teachers.xlmr_tokenizer import XLMRTokenizer
@@ -41,16 +41,6 @@ def _train_spm(path: Path, sentences: list[str], model_type: str, vocab_size: in
     return path
 
 
-def _coco_captions(real_data: Path, count: int) -> list[str]:
-    annotations = json.loads((real_data / "coco-mini/annotations/captions_val2017.json").read_text())
-    return [a["caption"].strip() for a in annotations["annotations"][:count]]
-
-
-def _coco_images(real_data: Path, count: int, height: int, width: int) -> np.ndarray:
-    files = sorted((real_data / "coco-mini/val2017").glob("*.jpg"))[:count]
-    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((width, height))) for f in files])
-
-
 def _tiny_model(arch: dict, seed: int = 0) -> BEiT3Retrieval:
     """A BEiT-3 with every parameter random, so that swapping any A/B copy changes the output."""
     torch.manual_seed(seed)
@@ -67,8 +57,8 @@ def _save(model: torch.nn.Module, path: Path) -> Path:
 
 
 @pytest.fixture
-def caption_spm(tmp_path: Path, real_data: Path) -> Path:
-    return _train_spm(tmp_path / "beit3.spm", _coco_captions(real_data, 60), "unigram", 80)
+def caption_spm(tmp_path: Path) -> Path:
+    return _train_spm(tmp_path / "beit3.spm", coco_captions(60), "unigram", 80)
 
 
 @pytest.fixture
@@ -138,7 +128,7 @@ def test_token_ids_by_hand(word_spm: Path) -> None:
         tokenizer.encode(["a", "   "], max_len=8)
 
 
-def test_token_ids_match_transformers_xlm_roberta(tmp_path: Path, caption_spm: Path, real_data: Path) -> None:
+def test_token_ids_match_transformers_xlm_roberta(tmp_path: Path, caption_spm: Path) -> None:
     from transformers import XLMRobertaTokenizer
 
     folder = tmp_path / "xlmr"
@@ -146,7 +136,7 @@ def test_token_ids_match_transformers_xlm_roberta(tmp_path: Path, caption_spm: P
     shutil.copy(caption_spm, folder / "sentencepiece.bpe.model")
     reference = XLMRobertaTokenizer.from_pretrained(folder)
     ours = XLMRTokenizer(caption_spm)
-    texts = _coco_captions(real_data, 80)[60:] + ["Über 2 CAFÉS, 東京!!", "a man <mask> rides", "x"]
+    texts = coco_captions(80)[60:] + ["Über 2 CAFÉS, 東京!!", "a man <mask> rides", "x"]
     for text in texts:
         assert ours.token_ids(text) == reference(text, add_special_tokens=False)["input_ids"], text
     assert ours.vocab_size == len(reference)
@@ -221,7 +211,7 @@ def _reference_text_embeddings(state: dict, sp_path: Path, texts: list[str], max
     return (out / out.norm(dim=-1, keepdim=True)).numpy()
 
 
-def test_embeddings_equal_the_reference_forward(tmp_path: Path, caption_spm: Path, real_data: Path) -> None:
+def test_embeddings_equal_the_reference_forward(tmp_path: Path, caption_spm: Path) -> None:
     model = _tiny_model(TINY)
     checkpoint = _save(model, tmp_path / "beit3_tiny_patch16_32_retrieval.pth")
     teacher = load_teacher({"kind": "beit3", "checkpoint": str(checkpoint), "tokenizer": str(caption_spm),
@@ -229,8 +219,8 @@ def test_embeddings_equal_the_reference_forward(tmp_path: Path, caption_spm: Pat
                             "batch_size": 2, "device": "cpu"})
     assert (teacher.kind, teacher.dim, teacher.image_size, teacher.max_len) == ("beit3", 16, 32, 12)
 
-    images = _coco_images(real_data, 5, 40, 48)  # not the model's size: the teacher resizes
-    texts = _coco_captions(real_data, 5) + ["a very long caption " * 8]
+    images = coco_image_batch(5, 40, 48)  # not the model's size: the teacher resizes
+    texts = coco_captions(5) + ["a very long caption " * 8]
     state = model.state_dict()
     got_images, got_texts = teacher.embed_images(images), teacher.embed_texts(texts)
     assert got_images.dtype == got_texts.dtype == np.float32
@@ -243,12 +233,12 @@ def test_embeddings_equal_the_reference_forward(tmp_path: Path, caption_spm: Pat
     assert teacher.embed_texts([]).shape == (0, 16)
 
 
-def test_bfloat16_returns_float32_close_to_float32(tmp_path: Path, caption_spm: Path, real_data: Path) -> None:
+def test_bfloat16_returns_float32_close_to_float32(tmp_path: Path, caption_spm: Path) -> None:
     checkpoint = _save(_tiny_model(TINY), tmp_path / "tiny.pth")
     spec = {"kind": "beit3", "checkpoint": str(checkpoint), "tokenizer": str(caption_spm), "arch": TINY,
             "device": "cpu"}
     full, half = load_teacher(spec), load_teacher({**spec, "dtype": "bfloat16"})
-    images, texts = _coco_images(real_data, 3, 32, 32), _coco_captions(real_data, 3)
+    images, texts = coco_image_batch(3, 32, 32), coco_captions(3)
     pairs = [(full.embed_images(images), half.embed_images(images)), (full.embed_texts(texts), half.embed_texts(texts))]
     for a, b in pairs:
         assert b.dtype == np.float32

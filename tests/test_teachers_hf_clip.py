@@ -1,6 +1,6 @@
 """The ``hf_clip`` teacher on tiny CLIP and SigLIP models saved with ``save_pretrained``.
 
-The CLIP text tower uses the real BERT uncased vocabulary (``real_data``) as its tokenizer; SigLIP
+The CLIP text tower uses the real BERT uncased vocabulary (committed in tests/data) as its tokenizer; SigLIP
 uses its own SentencePiece tokenizer class over a SentencePiece model trained in the test.
 """
 
@@ -17,25 +17,16 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
+from real_data import BERT_VOCAB, coco_captions, coco_image_batch
 from raydistill.models.teachers import TeacherLoadError, load_teacher
 
 
-def _coco_images(real_data: Path, count: int, height: int, width: int) -> np.ndarray:
-    files = sorted((real_data / "coco-mini/val2017").glob("*.jpg"))[:count]
-    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((width, height))) for f in files])
-
-
-def _coco_captions(real_data: Path, count: int) -> list[str]:
-    annotations = json.loads((real_data / "coco-mini/annotations/captions_val2017.json").read_text())
-    return [a["caption"].strip() for a in annotations["annotations"][:count]]
-
-
-def _bert_tokenizer(real_data: Path, max_len: int):
+def _bert_tokenizer(max_len: int):
     """BERT uncased WordPiece from the real vocab.txt, built offline with `tokenizers`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    lines = (real_data / "bert-base-uncased-vocab/vocab.txt").read_text(encoding="utf-8").splitlines()
+    lines = BERT_VOCAB.read_text(encoding="utf-8").splitlines()
     backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(lines)}, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -46,7 +37,7 @@ def _bert_tokenizer(real_data: Path, max_len: int):
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> Path:
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     config = CLIPConfig(
@@ -61,17 +52,17 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> Path:
     torch.manual_seed(0)
     CLIPModel(config).eval().save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    _bert_tokenizer(real_data, 20).save_pretrained(folder)
+    _bert_tokenizer(20).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> Path:
+def siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_coco_captions(real_data, 60)), model_writer=buffer, vocab_size=90,
+        sentence_iterator=iter(coco_captions(60)), model_writer=buffer, vocab_size=90,
         model_type="unigram", character_coverage=1.0, unk_id=2, eos_id=1, pad_id=0, bos_id=-1,
         pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", num_threads=1, hard_vocab_limit=False, minloglevel=2,
     )
@@ -101,12 +92,12 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return (x / x.norm(dim=-1, keepdim=True)).numpy()
 
 
-def test_clip_matches_the_model_called_directly(clip_dir: Path, real_data: Path) -> None:
+def test_clip_matches_the_model_called_directly(clip_dir: Path) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     teacher = load_teacher({"kind": "hf_clip", "checkpoint": str(clip_dir), "batch_size": 2, "device": "cpu"})
     assert (teacher.kind, teacher.dim, teacher.image_size, teacher.max_len) == ("hf_clip", 24, 32, 20)
-    images, texts = _coco_images(real_data, 5, 40, 48), _coco_captions(real_data, 5)
+    images, texts = coco_image_batch(5, 40, 48), coco_captions(5)
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
     processor, tokenizer = AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir)
@@ -114,8 +105,8 @@ def test_clip_matches_the_model_called_directly(clip_dir: Path, real_data: Path)
         pixels = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
         expected_images = _unit(_features(model.get_image_features(pixel_values=pixels)))
         # Dynamic padding here: CLIP pools at [SEP] under an attention mask, so the adapter's
-        # fixed-length padding must give the same embeddings.
-        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        # fixed-length padding must give the same embeddings (both truncate at the model's 20 positions).
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=20, return_tensors="pt")
         expected_texts = _unit(_features(model.get_text_features(
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])))
     np.testing.assert_allclose(teacher.embed_images(images), expected_images, atol=1e-5)
@@ -123,12 +114,12 @@ def test_clip_matches_the_model_called_directly(clip_dir: Path, real_data: Path)
     assert teacher.embed_texts(texts).dtype == np.float32
 
 
-def test_siglip_matches_the_model_called_directly(siglip_dir: Path, real_data: Path) -> None:
+def test_siglip_matches_the_model_called_directly(siglip_dir: Path) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
     teacher = load_teacher({"kind": "hf_clip", "checkpoint": str(siglip_dir), "batch_size": 3, "device": "cpu"})
     assert (teacher.dim, teacher.image_size, teacher.max_len) == (32, 32, 16)
-    images, texts = _coco_images(real_data, 4, 50, 30), _coco_captions(real_data, 4) + ["a dog " * 20]
+    images, texts = coco_image_batch(4, 50, 30), coco_captions(4) + ["a dog " * 20]
 
     model = SiglipModel.from_pretrained(siglip_dir).eval()
     processor, tokenizer = AutoImageProcessor.from_pretrained(siglip_dir), AutoTokenizer.from_pretrained(siglip_dir)
@@ -142,10 +133,10 @@ def test_siglip_matches_the_model_called_directly(siglip_dir: Path, real_data: P
     np.testing.assert_allclose(teacher.embed_texts(texts), expected_texts, atol=1e-5)
 
 
-def test_bfloat16_and_fingerprints(clip_dir: Path, real_data: Path) -> None:
+def test_bfloat16_and_fingerprints(clip_dir: Path) -> None:
     spec = {"kind": "hf_clip", "checkpoint": str(clip_dir), "device": "cpu"}
     full, half = load_teacher(spec), load_teacher({**spec, "dtype": "bfloat16"})
-    texts = _coco_captions(real_data, 3)
+    texts = coco_captions(3)
     a, b = full.embed_texts(texts), half.embed_texts(texts)
     assert b.dtype == np.float32 and np.min(np.sum(a * b, axis=1)) > 0.99 and not np.array_equal(a, b)
     assert full.fingerprint == load_teacher({**spec, "batch_size": 7}).fingerprint
@@ -153,10 +144,10 @@ def test_bfloat16_and_fingerprints(clip_dir: Path, real_data: Path) -> None:
     assert full.fingerprint != load_teacher({**spec, "max_len": 12}).fingerprint
 
 
-def test_separate_tokenizer_directory(tmp_path: Path, clip_dir: Path, real_data: Path) -> None:
+def test_separate_tokenizer_directory(tmp_path: Path, clip_dir: Path) -> None:
     clip_dir = Path(shutil.copytree(clip_dir, tmp_path / "tiny-clip"))
     tokenizer_dir = tmp_path / "tokenizer-only"
-    _bert_tokenizer(real_data, 20).save_pretrained(tokenizer_dir)
+    _bert_tokenizer(20).save_pretrained(tokenizer_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (clip_dir / name).unlink(missing_ok=True)
     with pytest.raises(TeacherLoadError, match=r"teacher.checkpoint: the tokenizer loaded from .*tiny-clip knows no words"):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from real_data import coco_captions, coco_image_batch
 from raydistill.models.teachers import TeacherLoadError, load_teacher
 
 TINY_CFG = {
@@ -22,16 +23,6 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-
-
-def _coco_images(real_data: Path, count: int, height: int, width: int) -> np.ndarray:
-    files = sorted((real_data / "coco-mini/val2017").glob("*.jpg"))[:count]
-    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((width, height))) for f in files])
-
-
-def _coco_captions(real_data: Path, count: int) -> list[str]:
-    annotations = json.loads((real_data / "coco-mini/annotations/captions_val2017.json").read_text())
-    return [a["caption"].strip() for a in annotations["annotations"][:count]]
 
 
 def _config_file(folder: Path, name: str, cfg: dict) -> Path:
@@ -56,7 +47,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.parametrize("weights", [1, 2], ids=["pt", "safetensors"])
-def test_matches_the_model_called_directly(tiny: tuple[Path, Path, Path], weights: int, real_data: Path) -> None:
+def test_matches_the_model_called_directly(tiny: tuple[Path, Path, Path], weights: int) -> None:
     import open_clip
 
     config, checkpoint = tiny[0], tiny[weights]
@@ -66,7 +57,7 @@ def test_matches_the_model_called_directly(tiny: tuple[Path, Path, Path], weight
 
     model, _, preprocess = open_clip.create_model_and_transforms("raydistill-test-tiny-clip", pretrained=str(tiny[1]))
     tokenizer = open_clip.get_tokenizer("raydistill-test-tiny-clip")
-    images, texts = _coco_images(real_data, 5, 40, 60), _coco_captions(real_data, 5)
+    images, texts = coco_image_batch(5, 40, 60), coco_captions(5)
     with torch.no_grad():
         image_emb = model.eval().encode_image(torch.stack([preprocess(Image.fromarray(i)) for i in images]))
         text_emb = model.encode_text(tokenizer(texts))
