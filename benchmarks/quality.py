@@ -84,7 +84,7 @@ def train_arm(cfg: dict[str, Any], rows: dict[str, np.ndarray], dim: int, vocab:
 
     import torch
 
-    from raydistill.pipeline.train_loop import Trainer
+    from raydistill.pipeline.trainer import Trainer
 
     seed = cfg["train"]["seed"]
     random.seed(seed)

@@ -39,7 +39,7 @@ from raydistill.pipeline.datasets import read_records
 from raydistill.pipeline.rows import decode_batch, explode_batch
 from raydistill.pipeline.runner import embed, run_experiment, student_max_len, teacher_spec
 from raydistill.pipeline.teacher_stage import TeacherEmbedder
-from raydistill.pipeline.train_loop import HISTORY_FILE, STATE_FILE, Trainer, latest_checkpoint
+from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE, Trainer, latest_checkpoint
 
 BATCH = 32  # train.batch_size of tiny_config
 TEACHER_BATCH = 16  # teacher.pool.batch_size of the embed test: several teacher batches per pass

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from e2e_helpers import REPO, make_tiny_teacher, tiny_overrides
-from raydistill.pipeline.train_loop import STATE_FILE, latest_checkpoint
+from raydistill.pipeline.trainer import STATE_FILE, latest_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 6  # checkpoints every 3 steps (tiny_overrides); the worker stalls at step 4

@@ -150,7 +150,7 @@ def test_beit3_loader_refuses_pickled_code(evil: tuple[Path, Path]) -> None:
 
 
 def test_training_checkpoints_refuse_pickled_code(evil: tuple[Path, Path], tmp_path: Path) -> None:
-    from raydistill.pipeline.train_loop import STATE_FILE, latest_checkpoint
+    from raydistill.pipeline.trainer import STATE_FILE, latest_checkpoint
 
     path, marker = evil
     checkpoint = tmp_path / "ray_train" / "run" / "checkpoint_2026-01-01_00-00-00.000000"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raydistill.config import Config
-from raydistill.pipeline.train_loop import HISTORY_FILE, STATE_FILE
+from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE
 
 
 def build_student_for(cfg: Config, embed_dim: int, vocab_size: int):
