@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from real_data import BERT_VOCAB, coco_captions, coco_image_batch
 from raydistill.models.student import build_student, save_dual_encoder
 from raydistill.models.teachers import TeacherLoadError, load_teacher
 from raydistill.models.tokenizers import encode_texts, tokenizer_from_vocab
 
 
-def _coco_images(real_data: Path, count: int, height: int, width: int) -> np.ndarray:
-    files = sorted((real_data / "coco-mini/val2017").glob("*.jpg"))[:count]
-    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((width, height))) for f in files])
-
-
-def _coco_captions(real_data: Path, count: int) -> list[str]:
-    annotations = json.loads((real_data / "coco-mini/annotations/captions_val2017.json").read_text())
-    return [a["caption"].strip() for a in annotations["annotations"][:count]]
-
-
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory, real_data: Path):
-    tokenizer = tokenizer_from_vocab(real_data / "bert-base-uncased-vocab/vocab.txt")
+def saved(tmp_path_factory: pytest.TempPathFactory):
+    tokenizer = tokenizer_from_vocab(BERT_VOCAB)
     torch.manual_seed(0)
     model = build_student("test", embed_dim=16, vocab_size=tokenizer.vocab_size).eval()
     folder = save_dual_encoder(model, tmp_path_factory.mktemp("rd") / "teacher", tokenizer=tokenizer)
     return folder, model, tokenizer
 
 
-def test_matches_the_model_called_directly(saved, real_data: Path) -> None:
+def test_matches_the_model_called_directly(saved) -> None:
     folder, model, tokenizer = saved
     teacher = load_teacher({"kind": "raydistill", "checkpoint": str(folder), "batch_size": 2, "device": "cpu"})
     assert (teacher.kind, teacher.dim, teacher.image_size, teacher.max_len) == ("raydistill", 16, 64, 30)
-    images, texts = _coco_images(real_data, 5, 48, 80), _coco_captions(real_data, 5)
+    images, texts = coco_image_batch(5, 48, 80), coco_captions(5)
     with torch.no_grad():
         expected_images = model.encode_image(model.preprocess_images(images)).numpy()
         ids, mask = encode_texts(tokenizer, texts, 30)

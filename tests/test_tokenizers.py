@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from real_data import BERT_VOCAB
 from raydistill.models.tokenizers import (
     build_wordpiece_tokenizer,
     encode_texts,
@@ -24,8 +25,8 @@ CAPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def bert_vocab_file(real_data: Path) -> Path:
-    return real_data / "bert-base-uncased-vocab" / "vocab.txt"
+def bert_vocab_file() -> Path:
+    return BERT_VOCAB
 
 
 def _line_ids(vocab_file: Path, tokens: list[str]) -> list[int]:
