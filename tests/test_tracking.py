@@ -1,23 +1,29 @@
-"""Tracking against a real MLflow SQLite store: runs, params, metric history, artifacts, parent/child
-runs, the local fallback when the store is unreachable and the flush when it comes back; Pareto front
-and plots."""
+"""Tracking against real MLflow stores (SQLite files, and an ``mlflow server`` the tests stop and start):
+runs, params, metric history, artifacts, parent/child runs; what happens when the store is unreachable
+(training goes on, one warning, records kept locally) and how the kept records reach the store later
+(flush, finish, re-opening the run, replay_backlog) without being sent twice. Pareto front and plots."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import random
 import shutil
 import socket
-import warnings
+import sqlite3
+import subprocess
+import sys
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_metric_name
 from PIL import Image
@@ -25,27 +31,24 @@ from PIL import Image
 from raydistill.plots import pareto_front, plot_balancer_weights, plot_pareto, plot_rsum_curves
 from raydistill.tracking import (
     LOCAL_METRICS_FILE,
-    RetryPolicy,
     Tracker,
     TrackingConfigError,
-    TrackingUnavailableWarning,
     flatten_config,
     read_runs,
+    replay_backlog,
     resolve_tracking_uri,
     sanitize_key,
 )
-
-FAST = RetryPolicy(attempts=2, backoff_s=0.0, recheck_after_s=0.0, max_recheck_s=0.0)
+from raydistill.tracking_backlog import HTTP_SETTINGS
 
 
 @pytest.fixture(autouse=True)
-def _quiet_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Synchronous logging, and no multi-minute HTTP retries inside each of our attempts.
-    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trackers set MLflow's HTTP settings in os.environ; setenv-then-delenv makes monkeypatch remove them
+    # again after the test, so other test modules see the environment they started with.
+    for name in (*HTTP_SETTINGS, "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="module")
@@ -64,41 +67,95 @@ def store(tmp_path: Path, template_db: Path) -> str:
     return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
 
 
-def _closed_port() -> int:
+@pytest.fixture()
+def unmounted(tmp_path: Path, template_db: Path) -> tuple[str, Any]:
+    """A SQLite URI whose database cannot be opened (a folder sits at its path, as on a storage that is not
+    mounted), and a function that puts a real database there."""
+    db = tmp_path / "shared" / "mlflow.db"
+    db.mkdir(parents=True)
+
+    def mount() -> None:
+        db.rmdir()
+        shutil.copy(template_db, db)
+
+    return f"sqlite:///{db}", mount
+
+
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on localhost with a SQLite store, that a test stops (killed, as in a crash)
+    and starts again on the same port and database."""
+
+    def __init__(self, root: Path, template_db: Path) -> None:
+        self.root = root
+        shutil.copy(template_db, root / "mlflow.db")
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+               "--port", self.url.rsplit(":", 1)[1], "--workers", "1"]
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job runner process
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+        for _ in range(1200):
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                threading.Event().wait(0.25)
+        raise RuntimeError("mlflow server did not come up: " + (self.root / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)  # the server and its uvicorn child
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def server(tmp_path: Path, template_db: Path):
+    (tmp_path / "server").mkdir()
+    srv = MlflowServer(tmp_path / "server", template_db)
+    srv.start()
+    yield srv
+    srv.stop()
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def _local_records(tracker: Tracker) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in tracker.local_path.read_text().splitlines()]
+def _kept(local_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The records of a tracker's backlog, and the headers (naming the run) that lead each append."""
+    lines = [json.loads(line) for line in (local_dir / LOCAL_METRICS_FILE).read_text().splitlines()]
+    return [r for r in lines if r["kind"] != "run"], [r for r in lines if r["kind"] == "run"]
 
 
-class CountingClient:
-    """Delegates to a real MlflowClient, counting calls and failing the first ``fail`` calls to methods in
-    ``failing`` the way a busy SQLite store does."""
+def _outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "raydistill.tracking" and r.levelno == logging.WARNING]
 
-    def __init__(self, uri: str, fail: int = 0, failing: tuple[str, ...] = ("log_batch",)) -> None:
-        self.real = MlflowClient(tracking_uri=uri)
-        self.fail = fail
-        self.failing = failing
-        self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.real, name)
+def _train(tracker: Tracker, steps: range) -> float:
+    """A stand-in training loop: does its own arithmetic, logs each step, returns its result."""
+    total = 0.0
+    for step in steps:
+        loss = 1.0 / (step + 1)
+        total += loss
+        tracker.log_metrics({"loss/total": loss, "weight/contrastive": 0.5 * step}, step=step)
+    return total
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append((name, kwargs))
-            if name in self.failing and self.fail > 0:
-                self.fail -= 1
-                raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=15)
-            return method(*args, **kwargs)
 
-        return call
+def _losses(steps: range) -> list[tuple[int, float]]:
+    return [(step, 1.0 / (step + 1)) for step in steps]
 
 
 # ---- resolve_tracking_uri -------------------------------------------------------------------------------
@@ -182,18 +239,16 @@ def test_sanitize_key_output_is_accepted_by_mlflow(key: str) -> None:
     assert 1 <= len(name) <= 250
 
 
-# ---- a run in a real store ------------------------------------------------------------------------------
+# ---- a run in a reachable store -------------------------------------------------------------------------
 
 
-def test_run_holds_params_metric_history_and_artifacts(store: str, tmp_path: Path) -> None:
+def test_run_holds_params_metric_history_tags_and_artifacts(store: str, tmp_path: Path) -> None:
     checkpoint = tmp_path / "student.safetensors"
     checkpoint.write_bytes(b"\x00" * 64)
     export = tmp_path / "export"
     (export / "tokenizer").mkdir(parents=True)
     (export / "config.json").write_text("{}")
     (export / "tokenizer" / "vocab.txt").write_text("[PAD]\n")
-    fig = Figure()
-    fig.add_subplot().plot([0, 1], [1, 0])
     with Tracker(store, "dsmd", run_name="small", tags={"kind": "student"}, local_dir=tmp_path / "run") as tracker:
         tracker.log_params({"student": {"size": "tiny", "lr": 0.001}, "note": "x" * 7000})
         for step in (0, 5, 10):
@@ -201,11 +256,9 @@ def test_run_holds_params_metric_history_and_artifacts(store: str, tmp_path: Pat
         tracker.set_tags({"phase": "distil"})
         tracker.log_artifact(checkpoint, artifact_path="model")
         tracker.log_artifact(export, artifact_path="export")  # a folder goes up whole
-        tracker.log_dict({"r@1": 0.5, "rsum": 300.0}, "eval/retrieval.json")
-        tracker.log_figure(fig, "plots/curve.png")
         run_id = tracker.run_id
-    assert run_id is not None and tracker.pending == 0
-    assert not tracker.local_path.exists()  # the store took everything: no fallback file
+    assert run_id is not None
+    assert list((tmp_path / "run").glob("*")) == []  # the store took everything: nothing kept
 
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(run_id)
@@ -218,23 +271,25 @@ def test_run_holds_params_metric_history_and_artifacts(store: str, tmp_path: Pat
     assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/student.safetensors"]
     assert [f.path for f in client.list_artifacts(run_id, "export/tokenizer")] == ["export/tokenizer/vocab.txt"]
-    table = json.loads(Path(client.download_artifacts(run_id, "eval/retrieval.json", str(tmp_path))).read_text())
-    assert table == {"r@1": 0.5, "rsum": 300.0}
-    png = [f for f in client.list_artifacts(run_id, "plots")]
-    assert [f.path for f in png] == ["plots/curve.png"] and png[0].file_size > 0
 
 
-def test_metrics_are_batched_into_few_store_writes(store: str, tmp_path: Path) -> None:
-    client = CountingClient(store)
-    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", client=client, flush_every=4)
-    for step in range(8):
-        tracker.log_metrics({"a": step, "b": 2 * step, "c": 3 * step}, step=step)
-        if step == 2:  # three calls buffered: nothing sent yet
-            assert [name for name, _ in client.calls if name == "log_batch"] == []
+def test_metrics_go_through_mlflow_async_logging_in_batches(store: str, tmp_path: Path) -> None:
+    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", flush_every=4)
+    reader = MlflowClient(tracking_uri=store)
+    for step in range(3):
+        tracker.log_metrics({"a": step, "b": 2 * step}, step=step)
+    assert _history(reader, tracker.run_id, "a") == []  # three calls buffered: nothing handed to MLflow yet
+    tracker.log_metrics({"a": 3, "b": 6}, step=3)
+    # The fourth call handed the batch to MLflow's async logging queue, whose thread writes it.
+    assert "MLflowAsyncLoggingLoop" in {t.name for t in threading.enumerate()}
+    assert tracker.flush()
+    assert _history(reader, tracker.run_id, "b") == [(s, 2.0 * s) for s in range(4)]
+    # read_runs waits for what this process handed to MLflow, so a run's latest values are there at once.
+    for step in range(4, 12):
+        tracker.log_metrics({"a": step}, step=step)
+    assert read_runs(store, "dsmd")[0]["metrics"]["a"] == 11.0
     tracker.finish()
-    batches = [kwargs["metrics"] for name, kwargs in client.calls if name == "log_batch"]
-    assert [len(b) for b in batches] == [12, 12]
-    assert _history(client.real, tracker.run_id, "c") == [(s, 3.0 * s) for s in range(8)]
+    assert _history(reader, tracker.run_id, "a") == [(s, float(s)) for s in range(12)]
 
 
 def test_parent_and_child_runs_and_read_runs(store: str, tmp_path: Path) -> None:
@@ -263,12 +318,21 @@ def test_parent_and_child_runs_and_read_runs(store: str, tmp_path: Path) -> None
         read_runs(store, "nope")
 
 
-def test_exception_in_block_marks_run_failed(store: str, tmp_path: Path) -> None:
+def test_leaving_the_block_marks_failed_on_an_exception_and_killed_on_ctrl_c(store: str, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with Tracker(store, "dsmd", local_dir=tmp_path / "run") as tracker:
-            tracker.log_metrics({"loss": 1.0}, step=0)
+        with Tracker(store, "dsmd", local_dir=tmp_path / "a") as failed:
+            failed.log_metrics({"loss": 1.0}, step=0)
             raise RuntimeError("boom")
-    assert MlflowClient(tracking_uri=store).get_run(tracker.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(store, "dsmd", local_dir=tmp_path / "b") as killed:
+            killed.log_metrics({"loss": 2.0}, step=0)
+            raise KeyboardInterrupt
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert client.get_run(killed.run_id).info.status == "KILLED"
+    assert _history(client, killed.run_id, "loss") == [(0, 2.0)]  # metrics sent before the status
+    killed.finish("FINISHED")  # a second finish does nothing
+    assert client.get_run(killed.run_id).info.status == "KILLED"
 
 
 def test_resume_logs_into_the_same_run(store: str, tmp_path: Path) -> None:
@@ -284,41 +348,24 @@ def test_resume_logs_into_the_same_run(store: str, tmp_path: Path) -> None:
     assert len(client.search_runs([client.get_experiment_by_name("dsmd").experiment_id])) == 1
 
 
-def test_experiment_created_by_another_process_meanwhile_is_used(store: str, tmp_path: Path) -> None:
-    class RacingClient(CountingClient):
-        """The first lookup misses; another process creates the experiment before our create."""
-
-        def get_experiment_by_name(self, name: str) -> Any:
-            if not any(call == "lookup" for call, _ in self.calls):
-                self.calls.append(("lookup", {}))
-                MlflowClient(tracking_uri=store).create_experiment(name)
-                return None
-            return self.real.get_experiment_by_name(name)
-
-    tracker = Tracker(store, "shared", local_dir=tmp_path / "run", client=RacingClient(store), retry=FAST)
-    assert not tracker.offline
-    client = MlflowClient(tracking_uri=store)
-    experiment = client.get_experiment_by_name("shared")
-    assert client.get_run(tracker.run_id).info.experiment_id == experiment.experiment_id
-
-
-def test_param_change_rejected_by_store_is_kept_locally_and_others_still_sent(store: str, tmp_path: Path) -> None:
-    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", retry=FAST)
+def test_param_change_refused_by_the_store_is_dropped_and_the_rest_sent(
+    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run")
     tracker.log_params({"lr": 0.1})
     tracker.log_params({"lr": 0.2, "epochs": 3})  # MLflow refuses to change a param
     tracker.log_metrics({"loss": 1.0}, step=0)
     tracker.finish()
-    assert not tracker.offline and tracker.pending == 0
     run = MlflowClient(tracking_uri=store).get_run(tracker.run_id)
     assert run.data.params == {"lr": "0.1", "epochs": "3"}
-    assert run.data.metrics == {"loss": 1.0}
-    records = _local_records(tracker)
-    assert [r["kind"] for r in records] == ["run", "params"]
-    assert records[1]["params"] == {"lr": "0.2"} and "Changing param values is not allowed" in records[1]["error"]
+    assert run.data.metrics == {"loss": 1.0} and run.info.status == "FINISHED"
+    [warning] = _outage_warnings(caplog)
+    assert "refused a params record" in warning and "Changing param values is not allowed" in warning
+    assert not (tmp_path / "run" / LOCAL_METRICS_FILE).exists()  # a refusal is not an outage: nothing kept
 
 
-def test_bad_metric_value_names_the_key(store: str, tmp_path: Path) -> None:
-    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", retry=FAST)
+def test_bad_values_raise(store: str, tmp_path: Path) -> None:
+    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="'loss/total' must be a number, got 'high'"):
         tracker.log_metrics({"loss/total": "high"}, step=0)
     with pytest.raises(ValueError, match="step must be an integer, got 1.5"):
@@ -327,132 +374,220 @@ def test_bad_metric_value_names_the_key(store: str, tmp_path: Path) -> None:
         tracker.log_metrics({"loss": 1.0}, step=True)
     with pytest.raises(ValueError, match="artifact path '/no/such/file' does not exist"):
         tracker.log_artifact("/no/such/file")
-    with pytest.raises(ValueError, match="relative file name"):
-        tracker.log_dict({}, "../outside.json")
-    with pytest.raises(ValueError, match="must end with one of"):
-        tracker.log_dict({}, "table.csv")
     with pytest.raises(ValueError, match="status must be one of"):
         tracker.finish("DONE")
+    with pytest.raises(ValueError, match="flush_every must be >= 1"):
+        Tracker(store, "dsmd", local_dir=tmp_path / "run", flush_every=0)
 
 
 def test_disabled_tracker_touches_nothing(tmp_path: Path) -> None:
-    with Tracker("http://127.0.0.1:1", "dsmd", local_dir=tmp_path / "run", enabled=False, client=object()) as t:
+    with Tracker("http://127.0.0.1:1", "dsmd", local_dir=tmp_path / "run", enabled=False) as t:
         t.log_params({"a": 1})
         t.log_metrics({"loss": 1.0}, step=0)
-        t.log_dict({"a": 1}, "x.json")
+        t.set_tags({"a": "b"})
+        assert t.flush()
     assert t.run_id is None and not (tmp_path / "run").exists()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
-# ---- store unavailable ----------------------------------------------------------------------------------
+def test_mlflow_http_retries_give_up_in_seconds_unless_the_job_says_otherwise(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")  # set for the job: kept
+    Tracker(store, "dsmd", local_dir=tmp_path / "run").finish()
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2  # MLflow's default: 7, about 4 minutes of retries
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33
 
 
-def _train(tracker: Tracker, steps: int) -> float:
-    """A stand-in training loop: does its own arithmetic, logs each step, returns its result."""
-    total = 0.0
-    for step in range(steps):
-        loss = 1.0 / (step + 1)
-        total += loss
-        tracker.log_metrics({"loss/total": loss, "weight/contrastive": 0.5 * step}, step=step)
-    return total
+def test_transient_sqlite_lock_is_waited_out_by_mlflow(
+    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run")
+    lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")  # another process writing
+    release = threading.Timer(1.0, lock.execute, ["ROLLBACK"])
+    release.start()
+    tracker.set_tags({"phase": "locked"})  # MLflow's SQLite store waits for the lock (busy_timeout)
+    tracker.log_metrics({"loss": 0.5}, step=7)
+    tracker.finish()
+    release.join()
+    lock.close()
+    run = MlflowClient(tracking_uri=store).get_run(tracker.run_id)
+    assert run.data.tags["phase"] == "locked" and run.data.metrics == {"loss": 0.5}
+    assert _outage_warnings(caplog) == [] and not (tmp_path / "run" / LOCAL_METRICS_FILE).exists()
 
 
-def test_unreachable_server_keeps_training_and_keeps_metrics_locally(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_closed_port()}"
+# ---- store unreachable, and the records it missed -------------------------------------------------------
+
+
+def test_unreachable_sqlite_store_keeps_training_and_records_then_flush_sends_them(
+    unmounted: tuple[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri, mount = unmounted
     artifact = tmp_path / "table.json"
     artifact.write_text("{}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tracker = Tracker(uri, "dsmd", run_name="offline", local_dir=tmp_path / "run", retry=FAST)
-        tracker.log_params({"lr": 0.01})
-        result = _train(tracker, steps=4)
-        tracker.log_artifact(artifact, artifact_path="eval")
-        tracker.finish()
-    assert result == pytest.approx(1 + 1 / 2 + 1 / 3 + 1 / 4)  # training ran to the end
-    ours = [w for w in caught if issubclass(w.category, TrackingUnavailableWarning)]
-    assert len(ours) == 1
-    assert str(tracker.local_path) in str(ours[0].message) and uri in str(ours[0].message)
-    assert tracker.run_id is None and tracker.offline
+    run_dir = tmp_path / "run"
+    tracker = Tracker(uri, "dsmd", run_name="late", tags={"kind": "student"}, local_dir=run_dir)
+    tracker.log_params({"lr": 0.01})
+    result = _train(tracker, range(3))
+    tracker.set_tags({"phase": "distil"})
+    tracker.log_artifact(artifact, artifact_path="eval")
+    assert not tracker.flush()  # still unreachable: nothing sent, nothing raised
+    assert result == pytest.approx(1 + 1 / 2 + 1 / 3)  # training ran to the end
+    assert tracker.run_id is None
+    [warning] = _outage_warnings(caplog)  # one warning for the whole outage
+    assert uri in warning and str(run_dir / LOCAL_METRICS_FILE) in warning and "\n" not in warning
 
-    records = _local_records(tracker)
-    assert tracker.local_path == tmp_path / "run" / LOCAL_METRICS_FILE
-    assert records[0] == {
-        "kind": "run", "tracking_uri": uri, "experiment": "dsmd", "run_name": "offline", "run_id": None, "tags": {}
-    }
-    metric_records = [r for r in records if r["kind"] == "metric"]
-    stamps = [r.pop("timestamp") for r in metric_records]
-    assert stamps == sorted(stamps) and all(isinstance(s, int) for s in stamps)
-    expected_metrics = [
-        {"kind": "metric", "key": key, "value": value, "step": step}
-        for step in range(4)
-        for key, value in (("loss/total", 1.0 / (step + 1)), ("weight/contrastive", 0.5 * step))
-    ]
-    assert metric_records == expected_metrics
-    assert [r["kind"] for r in records] == ["run", "params", *["metric"] * 8, "artifact", "status"]
-    assert records[1] == {"kind": "params", "params": {"lr": "0.01"}}
-    assert records[-2] == {"kind": "artifact", "path": str(artifact.resolve()), "artifact_path": "eval"}
-    assert records[-1]["status"] == "FINISHED"
+    kept, headers = _kept(run_dir)
+    assert {json.dumps(h, sort_keys=True) for h in headers} == {json.dumps(
+        {"kind": "run", "tracking_uri": uri, "experiment": "dsmd", "run_name": "late", "run_id": None,
+         "tags": {"kind": "student"}}, sort_keys=True)}
+    assert [r["kind"] for r in kept] == ["params", *["metric"] * 6, "tags", "artifact"]
+    metrics = [r for r in kept if r["kind"] == "metric"]
+    assert [(r["key"], r["step"], r["value"]) for r in metrics] == [
+        (key, step, value) for step in range(3) for key, value in (("loss/total", 1 / (step + 1)),
+                                                                   ("weight/contrastive", 0.5 * step))]
 
-
-def test_backlog_is_flushed_when_the_store_comes_back(
-    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Something that is not a database sits at the store's path (as with a broken mount): SQLite
-    # fails to open it with a real OperationalError on every try. MLflow retries opening an engine
-    # 10 times (~100 s of sleeps) inside each of our tries; once is enough here.
-    monkeypatch.setattr("mlflow.store.db.utils.MAX_RETRY_COUNT", 1)
-    db = tmp_path / "shared" / "mlflow.db"
-    db.mkdir(parents=True)
-    uri = f"sqlite:///{db}"
-    with pytest.warns(TrackingUnavailableWarning, match="kept locally"):
-        tracker = Tracker(uri, "dsmd", run_name="late", local_dir=tmp_path / "run", retry=FAST)
-        tracker.log_params({"lr": 0.01})
-        _train(tracker, steps=3)
-    assert tracker.offline and tracker.run_id is None and tracker.pending == 1 + 6
-    assert [r["kind"] for r in _local_records(tracker)] == ["run", "params", *["metric"] * 6]
-
-    db.rmdir()  # the storage is back
-    shutil.copy(template_db, db)
-    tracker.log_metrics({"loss/total": 0.2, "weight/contrastive": 1.5}, step=3)
-    assert not tracker.offline and tracker.pending == 0 and tracker.run_id is not None
-    tracker.finish()
-
+    mount()  # the storage is back
+    _train(tracker, range(3, 4))
+    assert tracker.flush()
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(tracker.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "late"
+    assert run.info.run_name == "late" and run.info.status == "RUNNING"
     assert run.data.params == {"lr": "0.01"}
-    assert _history(client, tracker.run_id, "loss/total") == [(0, 1.0), (1, 0.5), (2, 1 / 3), (3, 0.2)]
-    assert _history(client, tracker.run_id, "weight/contrastive") == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 1.5)]
-    # The local file still holds exactly what was at risk; nothing was appended after recovery.
-    assert [r["kind"] for r in _local_records(tracker)] == ["run", "params", *["metric"] * 6]
+    assert run.data.tags["kind"] == "student" and run.data.tags["phase"] == "distil"
+    assert _history(client, tracker.run_id, "loss/total") == _losses(range(4))
+    # Kept metrics reach the store with the step and time they were logged at.
+    sent = {(m.step, m.timestamp) for m in client.get_metric_history(tracker.run_id, "loss/total")}
+    assert {(r["step"], r["timestamp"]) for r in metrics if r["key"] == "loss/total"} <= sent
+    assert [f.path for f in client.list_artifacts(tracker.run_id, "eval")] == ["eval/table.json"]
+    assert not (run_dir / LOCAL_METRICS_FILE).exists() and not (run_dir / "metrics.sent").exists()
+    tracker.finish()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert len(_outage_warnings(caplog)) == 1
 
 
-def test_transient_lock_within_retries_is_invisible(store: str, tmp_path: Path) -> None:
-    client = CountingClient(store, fail=2)  # two "database is locked" answers, then the real store
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", TrackingUnavailableWarning)
-        policy = RetryPolicy(attempts=3, backoff_s=0.0)
-        tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", client=client, retry=policy)
-        tracker.log_metrics({"loss": 0.5}, step=7)
-        tracker.finish()
-    assert not tracker.local_path.exists()
-    assert [name for name, _ in client.calls].count("log_batch") == 3
-    assert _history(client.real, tracker.run_id, "loss") == [(7, 0.5)]
+def test_status_of_a_run_ended_during_an_outage_is_applied_by_replay_backlog_once(
+    unmounted: tuple[str, Any], tmp_path: Path
+) -> None:
+    uri, mount = unmounted
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(uri, "dsmd", run_name="interrupted", local_dir=run_dir) as tracker:
+            _train(tracker, range(2))
+            raise KeyboardInterrupt  # Ctrl-C while the store is down
+    kept, _ = _kept(run_dir)
+    assert [r["kind"] for r in kept] == ["metric", "metric", "metric", "metric", "status"]
+    assert kept[-1]["status"] == "KILLED"
+    assert replay_backlog(run_dir) == 0  # still down: nothing sent, nothing raised, all still kept
+    assert _kept(run_dir)[0] == kept
+
+    mount()
+    assert replay_backlog(run_dir) == 5  # the header names the store and creates the run
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("dsmd").experiment_id])
+    assert run.info.run_name == "interrupted"
+    assert run.info.status == "KILLED" and run.info.end_time == kept[-1]["end_time"]
+    assert _history(client, run.info.run_id, "loss/total") == _losses(range(2))
+    assert replay_backlog(run_dir) == 0 and replay_backlog(run_dir, uri) == 0  # nothing left to send twice
+    assert not (run_dir / LOCAL_METRICS_FILE).exists()
 
 
-def test_offline_tracker_waits_before_trying_the_store_again(store: str, tmp_path: Path) -> None:
-    client = CountingClient(store, fail=10**6)  # locked until we say otherwise
-    policy = RetryPolicy(attempts=2, backoff_s=0.0, recheck_after_s=3600.0)
-    tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run", client=client, retry=policy)
-    with pytest.warns(TrackingUnavailableWarning):
-        tracker.log_metrics({"loss": 1.0}, step=0)
-    tries = len(client.calls)
-    tracker.log_metrics({"loss": 0.5}, step=1)
-    tracker.log_metrics({"loss": 0.25}, step=2)
-    assert len(client.calls) == tries  # within the interval: straight to the local file, no store calls
-    assert [(r["step"], r["value"]) for r in _local_records(tracker)[1:]] == [(0, 1.0), (1, 0.5), (2, 0.25)]
-    client.fail = 0
-    assert tracker.flush()  # an explicit flush tries at once
-    assert _history(client.real, tracker.run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
+def test_a_folder_holding_two_runs_records_replays_each_to_its_own_run(
+    unmounted: tuple[str, Any], tmp_path: Path
+) -> None:
+    # A run resumed before its first attempt ever reached the store gets a new run in the same folder.
+    uri, mount = unmounted
+    first = Tracker(uri, "dsmd", run_name="first", local_dir=tmp_path / "run")
+    first.log_metrics({"loss": 3.0}, step=0)
+    first.finish("FAILED")
+    second = Tracker(uri, "dsmd", run_name="second", local_dir=tmp_path / "run")
+    second.log_metrics({"loss": 2.0}, step=1)
+    mount()
+    second.finish()  # replays both: the first run's records, then its own
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dsmd").experiment_id])}
+    assert {name: r.info.status for name, r in runs.items()} == {"first": "FAILED", "second": "FINISHED"}
+    assert _history(client, runs["first"].info.run_id, "loss") == [(0, 3.0)]
+    assert _history(client, runs["second"].info.run_id, "loss") == [(1, 2.0)]
+    assert second.run_id == runs["second"].info.run_id and first.run_id is None
+
+
+def test_replay_cut_short_resumes_where_it_stopped(unmounted: tuple[str, Any], tmp_path: Path) -> None:
+    uri, mount = unmounted
+    artifact = tmp_path / "table.json"
+    artifact.write_text("{}")
+    run_dir = tmp_path / "run"
+    with Tracker(uri, "dsmd", local_dir=run_dir) as tracker:
+        tracker.log_params({"lr": 0.01})
+        _train(tracker, range(3))
+        tracker.log_artifact(artifact)
+        tracker.set_tags({"phase": "done"})
+    assert [r["kind"] for r in _kept(run_dir)[0]] == ["params", *["metric"] * 6, "artifact", "tags", "status"]
+
+    mount()
+    blocker = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+    blocker.write_text("not a folder")  # the artifact upload fails: the replay stops there
+    assert replay_backlog(run_dir, uri) == 7  # params and metrics
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("dsmd").experiment_id])
+    assert run.data.params == {"lr": "0.01"} and run.info.status == "RUNNING" and "phase" not in run.data.tags
+
+    blocker.unlink()
+    assert replay_backlog(run_dir, uri) == 3  # artifact, tags, status: what was sent before is not sent again
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "done"
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["table.json"]
+    assert _history(client, run.info.run_id, "loss/total") == _losses(range(3))
+
+
+def test_server_down_mid_run_then_reopening_the_run_replays_what_it_missed(
+    server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    artifact = tmp_path / "table.json"
+    artifact.write_text("{}")
+    run_dir = tmp_path / "run"
+    tracker = Tracker(server.url, "dsmd", run_name="served", local_dir=run_dir)
+    tracker.log_params({"lr": 0.01})
+    _train(tracker, range(3))
+    assert tracker.flush()
+
+    server.stop()
+    capfd.readouterr()
+    # Log the way an application does (a root handler on stderr), so that urllib3's retry lines would show.
+    root = logging.StreamHandler(sys.stderr)
+    root.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    logging.getLogger().addHandler(root)
+    try:
+        result = _train(tracker, range(3, 6))  # handed to MLflow's async logging, which fails in the background
+        tracker.set_tags({"phase": "late"})
+        tracker.log_artifact(artifact, artifact_path="eval")
+        tracker.finish("FAILED")  # the store is down: the final status is kept too
+    finally:
+        logging.getLogger().removeHandler(root)
+    assert result == pytest.approx(1 / 4 + 1 / 5 + 1 / 6)
+    [warning] = _outage_warnings(caplog)
+    assert server.url in warning and "\n" not in warning
+    # One line on stderr for the outage: no MLflow error lines, urllib3 retry lines or tracebacks.
+    assert capfd.readouterr().err.splitlines() == [f"WARNING:raydistill.tracking:{warning}"]
+    kept, headers = _kept(run_dir)
+    assert {h["run_id"] for h in headers} == {tracker.run_id}
+    assert sorted(r["step"] for r in kept if r["kind"] == "metric") == [3, 3, 4, 4, 5, 5]
+    assert [r["kind"] for r in kept if r["kind"] != "metric"] == ["tags", "artifact", "status"]
+
+    server.start()  # same port, same database
+    resumed = Tracker(server.url, "dsmd", run_id=tracker.run_id, local_dir=run_dir)
+    client = MlflowClient(tracking_uri=server.url)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "RUNNING"  # FAILED was applied from the backlog, then the run re-opened
+    assert run.data.tags["phase"] == "late" and run.data.params == {"lr": "0.01"}
+    assert [f.path for f in client.list_artifacts(tracker.run_id, "eval")] == ["eval/table.json"]
+    assert not (run_dir / LOCAL_METRICS_FILE).exists()
+    _train(resumed, range(6, 7))
+    resumed.finish()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert _history(client, tracker.run_id, "loss/total") == _losses(range(7))  # each step once
 
 
 # ---- Pareto front and plots -----------------------------------------------------------------------------
