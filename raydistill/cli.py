@@ -7,12 +7,9 @@ progress and logs go to standard error.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import sys
-import threading
-from pathlib import Path
 from typing import Any
 
 # Quiet, deterministic defaults before Ray or MLflow are imported anywhere.
@@ -20,6 +17,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _print_json(obj: Any) -> None:
@@ -40,11 +38,10 @@ def _json_default(value: Any) -> Any:
 
 def _shutdown_ray() -> None:
     try:
-        import ray
+        from raydistill.pipeline.ray_env import shutdown_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # shutting down is best effort
+        shutdown_ray()
+    except Exception:  # noqa: BLE001 - shutting down is best effort
         pass
 
 
@@ -65,7 +62,8 @@ RECALL_HEADER = f"{'model':<26} " + " ".join(f"{k:>6}" for k in ("I2T@1", "I2T@5
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raydistill.pipeline.runner import find_run_dir, load_run_config, run_experiment
+    from raydistill.pipeline.run_folder import find_run_dir, load_run_config
+    from raydistill.pipeline.runner import run_experiment
 
     if args.config and args.config.endswith((".yaml", ".yml")):
         cfg = _load(args)
@@ -197,44 +195,70 @@ def _add_optional_commands(sub: Any) -> None:
             register(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from raydistill.config import ConfigError
+def _split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, bool]:
+    """Parse ``argv`` with ``key.sub=value`` overrides accepted anywhere on the line (argparse alone takes
+    positionals only before the first option), and ``--debug`` / ``--verbose`` anywhere."""
+    debug = "--debug" in argv
+    if "--verbose" in argv:
+        os.environ["RAYDISTILL_VERBOSE"] = "1"  # read where Ray starts (pipeline.ray_env)
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no key=value overrides: {' '.join(overrides)}")
+        args.overrides = list(args.overrides or []) + overrides
+    return args, debug or os.environ.get("RAYDISTILL_DEBUG", "") not in ("", "0")
 
+
+def _report_failure(err: BaseException, args: argparse.Namespace, debug: bool) -> int:
+    """One message for the user (status 2: their mistake, 1: a failure), the traceback only where it helps."""
+    import errno
+    import traceback
+
+    from raydistill.errors import find_os_error, find_user_error
+    from raydistill.pipeline.run_folder import CURRENT_RUN
+
+    user = find_user_error(err)
+    machine = find_os_error(err, (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES))
+    if user is not None:
+        kind, status, message = "user", 2, str(user)
+    elif machine is not None:
+        kind, status = "failure", 1
+        message = f"{machine.filename or 'writing'}: {machine.strerror}" + (
+            "; free some space (or point output_dir / cache.dir elsewhere) and resume the run"
+            if machine.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    else:
+        kind, status, message = "failure", 1, f"{type(err).__name__}: {err}"
+    if debug or (user is None and machine is None):
+        # A fault of the program or the machine: the traceback is what its report needs.
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"raydistill: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        _print_json({"error": message, "kind": kind, **{k: v for k, v in CURRENT_RUN.items() if v is not None}})
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``raydistill`` command; returns its exit status (2: the user's mistake, 1: a failure)."""
+    parser = build_parser()
+    args, debug = _split_overrides(parser, sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        _shutdown_ray()
-        print(f"raydistill: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         _shutdown_ray()
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one message and a status
+        _shutdown_ray()
+        return _report_failure(err, args, debug)
 
 
 def console_main() -> None:
-    """The ``raydistill`` command (and ``python -m raydistill.cli``): :func:`main`, then a quick exit.
-
-    Once a command has returned, everything it wrote is closed and Ray is shut down; what is left is CPython's
-    finalisation, which with torch, timm, transformers, Ray and MLflow loaded spends seconds freeing modules
-    (about 5 s at the end of ``raydistill demo --quick`` on 2 cores). So the normal exit sequence runs (non-daemon
-    threads are joined, then every ``atexit`` handler, e.g. MLflow ending its runs), the standard streams are
-    flushed, and the process ends with ``os._exit`` and main's status. An exception escaping main takes the
-    ordinary path (traceback, status 1).
-    """
-    code = main()
-    shutdown_threads = getattr(threading, "_shutdown", None)  # what the interpreter runs first at exit
-    if shutdown_threads is None:  # pragma: no cover - not CPython
-        sys.exit(code)
-    shutdown_threads()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
-    os._exit(code)
+    """The ``raydistill`` command (and ``python -m raydistill.cli``)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raydistill.errors import UserError
 
 __all__ = [
     "Config",
@@ -35,7 +37,7 @@ DISTILL_TERMS = ("feature", "cosine", "contrastive", "hard_negative")
 BALANCER_KINDS = ("dsmd", "dsmd_rate", "fixed", "dwa", "uncertainty")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value is wrong; the message says which and what to do."""
 
 
@@ -90,6 +92,9 @@ class DataConfig(_Section):
     )
     max_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb limit (width x height).")
     limit_images: int | None = Field(None, gt=0, description="Use only the first N images of each split.")
+    decode_cpus: float = Field(
+        0.5, gt=0, description="CPUs each decoding (and caption-row) Ray Data task reserves."
+    )
 
 
 class PoolConfig(_Section):
@@ -133,10 +138,8 @@ class TeacherConfig(_Section):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor-pool resources and placement.")
     in_driver: bool = Field(
         True,
-        description="When the pool asks for no GPU, custom resources or node labels, the driver loads the teacher "
-        "itself: it reads the teacher's dimension and fingerprint there (no probe task) and embeds evaluation "
-        "splits of at most eval.local_max_images images in-process (no actor-pool start), with the actors' code, "
-        "counters and cache writes. false: always a probe task and the actor pool.",
+        description="Deprecated and ignored (accepted so older configs still load): the teacher runs only in its "
+        "actor pool, and a probe task reads its dimension and fingerprint where the pool runs.",
     )
 
     @model_validator(mode="after")
@@ -163,17 +166,65 @@ class CacheConfig(_Section):
 class StudentConfig(_Section):
     """The student dual encoder (see raydistill.models.student)."""
 
+    # The presets that DSMD starts from pretrained towers (an ImageNet-21k ViT and a pretrained BERT), each
+    # with the public weights that fit it: (timm name, Hugging Face name). The CPU presets test, demo and
+    # demo_teacher are meant to train from scratch.
+    PRETRAINED_TOWERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "tiny": ("vit_tiny_patch16_224.augreg_in21k", "google/bert_uncased_L-4_H-256_A-4"),
+        "small": ("vit_small_patch16_224.augreg_in21k", "google/bert_uncased_L-4_H-512_A-8"),
+        "base": ("vit_base_patch16_224.augreg_in21k", "bert-base-uncased"),
+    }
+
     preset: str = Field("demo", description="Size preset: test | demo | tiny | small | base | demo_teacher.")
     tokenizer: str | None = Field(
         None, description="Tokenizer folder/vocab.txt/hub name; null: build WordPiece from training captions."
     )
     vocab_size: int = Field(4000, gt=10, description="Size of the WordPiece vocabulary built when tokenizer=null.")
-    vision_weights: str | None = Field(None, description="Pretrained image-tower weights (timm checkpoint file).")
-    text_weights: str | None = Field(None, description="Pretrained text-tower folder (Hugging Face format).")
+    vision_weights: str | None = Field(
+        None,
+        description="Pretrained image tower: a timm checkpoint file or a timm pretrained name "
+        "(vit_base_patch16_224.augreg_in21k; from the Hugging Face cache when offline).",
+    )
+    text_weights: str | None = Field(
+        None,
+        description="Pretrained text tower: a Hugging Face save_pretrained folder or hub name (bert-base-uncased; "
+        "from the Hugging Face cache when offline). Needs student.tokenizer: the model's own tokenizer.",
+    )
+    from_scratch: bool = Field(
+        False,
+        description="tiny/small/base: train without pretrained towers on purpose (a tower without weights starts "
+        "random). Without it those presets need vision_weights and text_weights.",
+    )
+    text_pooling: Literal["auto", "pooler", "cls"] = Field(
+        "auto",
+        description="Text feature fed to the head: BERT's pooler output or the CLS hidden state; auto: the pooler "
+        "with text_weights, the CLS state without (a random pooler is an untrained extra layer).",
+    )
     max_len: int | None = Field(None, gt=2, description="Caption tokens (default: the preset's).")
     embed_dim: int | None = Field(
         None, gt=0, description="Output dimension; null: the teacher's (required for ground_truth runs)."
     )
+
+    @model_validator(mode="after")
+    def _pretrained_towers(self) -> StudentConfig:
+        if self.text_weights and not self.tokenizer:
+            raise ValueError(
+                f"student.text_weights ({self.text_weights}) needs student.tokenizer set to that model's own "
+                f"tokenizer (e.g. the same name or folder): a vocabulary built from the captions does not match "
+                f"its token embeddings"
+            )
+        towers = self.PRETRAINED_TOWERS.get(self.preset)
+        missing = [f"student.{key}" for key in ("vision_weights", "text_weights") if not getattr(self, key)]
+        if towers and missing and not self.from_scratch:
+            vision, text = towers
+            raise ValueError(
+                f"student.preset={self.preset} starts from pretrained towers (the DSMD recipe), but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set "
+                f"student.vision_weights: {vision}, student.text_weights: {text} and student.tokenizer: {text} "
+                f"(timm and Hugging Face names, read from the Hugging Face cache when offline, or local "
+                f"files/folders), or set student.from_scratch: true to train from random initialisation"
+            )
+        return self
 
 
 class DistillConfig(_Section):
@@ -223,6 +274,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, gt=1, description="Caption-level samples per step, per worker.")
     lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    adam_beta2: float = Field(
+        0.999, gt=0, lt=1, description="AdamW beta2 (beta1 is 0.9); CLIP trains with 0.98."
+    )
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR schedule after warm-up.")
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
     step_decay_at: float = Field(2 / 3, gt=0, lt=1, description="schedule=step: decay x0.1 at this share.")
@@ -233,11 +287,18 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for workers.")
-    shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer (caption rows), 0: off.")
+    shuffle: Literal["global", "files"] = Field(
+        "global",
+        description="Each epoch's image order: global = a full seeded shuffle (a sort by a hash of seed, epoch and "
+        "image id: one exchange of the light image rows per epoch); files = the source's or cache's order.",
+    )
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="Caption rows mixed together in the worker (a seeded window shuffle), 0: off."
+    )
     materialize: bool = Field(
         False,
-        description="Hold the training rows in Ray's object store after one pass (teacher and decoding run once; "
-        "epochs read memory). For data that fits in memory; training starts after the first pass.",
+        description="Deprecated and ignored (accepted so older configs still load): with cache.write_through, "
+        "epochs after the first read the embedding cache and start no teacher.",
     )
     storage_path: str | None = Field(
         None, description="Ray Train checkpoints: local folder or s3:// (multi-node: shared); default <output_dir>/ray_train."
@@ -265,9 +326,8 @@ class EvalConfig(_Section):
     local_max_images: int = Field(
         2000,
         ge=0,
-        description="Evaluation splits of at most this many images are read from the cache and decoded in the "
-        "driver process; larger ones go through Ray Data tasks (whose start-up costs more than decoding a few "
-        "thousand images). 0: always Ray Data.",
+        description="Deprecated and ignored (accepted so older configs still load): evaluation splits are always "
+        "read and decoded by Ray Data tasks.",
     )
 
 
@@ -292,6 +352,18 @@ class RayConfig(_Section):
         True, description="Start the dashboard (127.0.0.1) with a local instance; Train's cleanup needs its State API."
     )
     no_progress_timeout_s: float = Field(600, gt=0, description="Ray Data fails after this long without progress.")
+    data_object_store_mb: int | None = Field(
+        2048,
+        gt=0,
+        description="Object-store memory each Ray Data pipeline may hold (its streaming back-pressure keeps it "
+        "under this whatever the dataset's size); null: Ray Data's own default budget.",
+    )
+    shuffle_partitions: int = Field(
+        16,
+        gt=0,
+        description="Hash partitions of the pipeline's shuffles: grouping a manifest's rows by image, the anti-join "
+        "that finds what a partial cache lacks.",
+    )
 
 
 class Config(_Section):

@@ -68,8 +68,8 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     output_dir = str(Path(output_dir).resolve())
     n_seeds = seeds or 1
     from raydistill.demo_assets import ensure_demo_teacher
-    from raydistill.pipeline.datasets import read_records
-    from raydistill.pipeline.runner import init_ray, warm_imports
+    from raydistill.data.source import caption_files
+    from raydistill.pipeline.ray_env import init_ray, warm_imports
 
     demo_cfg = load_config(config_path("demo.yaml"), _arm_overrides(quick, output_dir, 0))
 
@@ -77,7 +77,7 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
         # Shared by both arms, so made once before they start: the synthetic dataset and the MLflow store; and
         # the driver's own heavy imports. All of it while the local Ray instance starts (mostly waiting).
         warm_imports()
-        read_records(demo_cfg)
+        caption_files(demo_cfg)  # writes the synthetic scenes on first use
         _create_tracking_store(demo_cfg)
 
     _side_by_side(("prepare", prepare), ("ray", lambda: init_ray(demo_cfg)), main="ray")

@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from raydistill.paths import raydistill_home
+
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_TEACHER_CONFIG = "demo-teacher.yaml"
 # The checkpoint `raydistill run configs/demo-teacher.yaml` produced, shipped so the demo fits in its time
@@ -31,10 +33,6 @@ def config_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"shipped config {name} not found in {CONFIGS_DIR}; is raydistill installed from a checkout?")
     return path
-
-
-def raydistill_home() -> Path:
-    return Path(os.environ.get("RAYDISTILL_HOME", Path.home() / ".cache" / "raydistill"))
 
 
 def demo_teacher_config_sha256() -> str:

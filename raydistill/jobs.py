@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raydistill.errors import UserError
+
 #: gitwildmatch patterns (relative to the working directory) that never travel with a job (Ray caps the upload
 #: at 512 MiB, and model weights belong on the nodes or in object storage). Patterns with a
 #: leading slash apply to the top level only: ``raydistill/data/`` is source code, ``/data/`` is a dataset.
@@ -97,7 +99,7 @@ _TOKEN_ENV, _TOKEN_PATH_ENV, _MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 _ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
-class JobsError(ValueError):
+class JobsError(UserError, ValueError):
     """A submission or job command cannot go on; the message says why and what to do."""
 
 
@@ -517,9 +519,9 @@ def mlflow_server_command(store: Path, artifacts: str | None = None, host: str =
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """``raydistill mlflow-server``: replace this process with an MLflow tracking server."""
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: must be between 1 and 65535")
+        raise JobsError(f"--port {args.port}: must be between 1 and 65535")
     if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: must be at least 1")
+        raise JobsError(f"--workers {args.workers}: must be at least 1")
     store = Path(args.store).expanduser()
     argv = mlflow_server_command(store, args.artifacts, args.host, args.port, args.workers, args.allowed_hosts,
                                  args.backend_store_uri)

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config: pytest.Config) -> None:
     # What `raydistill run` sets before it starts a local instance (the tests start theirs with ray.init).
-    from raydistill.pipeline.runner import prepare_local_ray_env
+    from raydistill.pipeline.ray_env import prepare_local_ray_env
 
     prepare_local_ray_env()
     # Embedded assets (synthetic data, demo teacher) of the tests go to a fresh folder, never ~/.cache.

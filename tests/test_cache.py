@@ -1,16 +1,32 @@
-"""The embedding cache: atomic parts, exactly-once finalisation, fingerprint checks, resumable state."""
+"""The embedding cache: atomic parts named by their ids, one folder per split, exactly-once finalisation by a
+Ray pass that keeps counts only, key checks that say which part differs, and caches of an earlier schema."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
-from raydistill.pipeline.cache import CacheError, EmbeddingCache, make_fingerprint, rows_from_cache_batch
+from raydistill.pipeline.cache import CacheError, EmbeddingCache, id_hash, make_key
 
+pytestmark = [pytest.mark.ray]
 DIM = 4
+KEY = make_key({"kind": "raydistill", "checkpoint": "/t"}, {"decode_size": 48}, "data-1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from raydistill.config import config_from_dict
+    from raydistill.pipeline.plans import configure_data_context
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    configure_data_context(config_from_dict({}))
+    yield
+    ray.shutdown()
 
 
 def _rows(ids: list[str], split: str = "train", n_caps: int = 2) -> dict:
@@ -27,129 +43,101 @@ def _rows(ids: list[str], split: str = "train", n_caps: int = 2) -> dict:
     }
 
 
-FP = make_fingerprint({"kind": "raydistill", "fingerprint": "abc"}, {"decode_size": 48}, "data-1")
-
-
-def test_parts_round_trip_embeddings(tmp_path: Path) -> None:
+def _cache(tmp_path: Path) -> EmbeddingCache:
     cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
+    cache.open(KEY, DIM, "weights-1")
+    return cache
+
+
+def test_parts_round_trip_by_split(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
     rows = _rows(["a", "b", "c"])
-    path = cache.write_part(rows, DIM)
-    assert path.endswith(".parquet") and not list((tmp_path / "c" / "parts").glob("*.tmp"))
-    got = cache.load_embeddings()
-    assert sorted(got) == ["a", "b", "c"]
-    np.testing.assert_array_equal(got["b"][0], rows["t_img"][1])
-    np.testing.assert_array_equal(got["c"][1], rows["t_txt"][2])
-    assert cache.done_ids("train") == {"a", "b", "c"} and cache.done_ids("test") == set()
+    rows["split"] = ["train", "test", "train"]
+    written = cache.write_part(rows, DIM)
+    assert [Path(p).parent.name for p in written] == ["train", "test"]
+    assert not list((tmp_path / "c" / "parts").rglob("*.tmp*"))
+    got = sorted(cache.split_dataset("train").take_all(), key=lambda r: r["image_id"])
+    assert [r["image_id"] for r in got] == ["a", "c"]
+    np.testing.assert_array_equal(got[1]["t_img"], rows["t_img"][2])
+    np.testing.assert_array_equal(np.asarray(got[1]["t_txt"]).reshape(2, DIM), rows["t_txt"][2])
+    assert cache.has_rows("test") and not cache.has_rows("val")
+    assert cache.ids_dataset("val") is None
 
 
-def test_finalize_removes_duplicates_and_counts(tmp_path: Path) -> None:
-    cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
+def test_a_retried_batch_overwrites_its_own_part(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    first = cache.write_part(_rows(["b", "a"]), DIM)
+    again = cache.write_part(_rows(["a", "b"]), DIM)  # the same images, as a retry would write them
+    assert first == again and len(cache.part_files("train")) == 1
+
+
+def test_finalize_counts_checks_ids_and_removes_duplicates(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
     cache.write_part(_rows(["a", "b"]), DIM)
-    cache.write_part(_rows(["b", "c"]), DIM)  # a retried batch wrote "b" twice
+    cache.write_part(_rows(["b", "c"]), DIM)  # "b" in two parts: an interrupted pass re-batched it
     # A writer killed mid-write leaves only a temporary file, which is ignored.
-    (tmp_path / "c" / "parts" / "part-dead.parquet.tmp").write_bytes(b"half a file")
-    stats = cache.finalize("train", {"a", "b", "c"}, expected_captions=6)
+    (tmp_path / "c" / "parts" / "train" / "part-dead.parquet.tmp-1").write_bytes(b"half a file")
+    assert cache.count("train") == {"rows": 4, "captions": 8, "id_hash": id_hash(["a", "b", "b", "c"])}
+    stats = cache.finalize("train", 3, id_hash(["a", "b", "c"]))
     assert stats == {"images": 3, "captions": 6, "duplicates_removed": 1}
-    ids = [i for f in cache.part_files() for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+    ids = [i for f in cache.part_files("train") for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
     assert sorted(ids) == ["a", "b", "c"]
     assert cache.complete_splits() == {"train": {"images": 3, "captions": 6}}
 
 
-def test_finalize_refuses_gaps(tmp_path: Path) -> None:
-    cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
+def test_finalize_refuses_gaps_and_foreign_images(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
     cache.write_part(_rows(["a"]), DIM)
-    with pytest.raises(CacheError, match=r"split 'train' misses 1 of 2 images .*'b'.*raydistill embed"):
-        cache.finalize("train", {"a", "b"})
+    with pytest.raises(CacheError, match=r"split 'train' holds 1 images but the data has 2 .*raydistill embed"):
+        cache.finalize("train", 2, id_hash(["a", "b"]))
+    with pytest.raises(CacheError, match="or other ones"):
+        cache.finalize("train", 1, id_hash(["z"]))  # as many images, but not the data's
     assert cache.complete_splits() == {}
 
 
 def test_stale_cache_is_refused_with_the_reason(tmp_path: Path) -> None:
-    cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
-    other = make_fingerprint({"kind": "raydistill", "fingerprint": "abc"}, {"decode_size": 64}, "data-1")
-    with pytest.raises(CacheError, match=r"stale.*preprocessing: cache has \{\"decode_size\": 48\}, this run has \{\"decode_size\": 64\}"):
-        cache.open(other, DIM)
-    other_teacher = make_fingerprint({"kind": "raydistill", "fingerprint": "xyz"}, {"decode_size": 48}, "data-1")
+    cache = _cache(tmp_path)
+    other = make_key({"kind": "raydistill", "checkpoint": "/t"}, {"decode_size": 64}, "data-1")
+    with pytest.raises(CacheError, match=r"stale.*preprocessing: cache has \{\"decode_size\": 48\}, "
+                                         r"this run has \{\"decode_size\": 64\}"):
+        cache.open(other, DIM, "weights-1")
     with pytest.raises(CacheError, match="teacher: cache has"):
-        cache.check(other_teacher)
+        cache.check(make_key({"kind": "raydistill", "checkpoint": "/u"}, {"decode_size": 48}, "data-1"))
+    with pytest.raises(CacheError, match="teacher's weights differ"):
+        cache.open(KEY, DIM, "weights-2")
 
 
 def test_require_complete_names_missing_split(tmp_path: Path) -> None:
-    cache = EmbeddingCache(str(tmp_path / "c"))
     with pytest.raises(CacheError, match="raydistill embed"):
-        cache.require_complete(FP, ["train"])
-    cache.open(FP, DIM)
+        EmbeddingCache(str(tmp_path / "c")).require_complete(KEY, ["train"])
+    cache = _cache(tmp_path)
     cache.write_part(_rows(["a"]), DIM)
-    cache.finalize("train", {"a"})
+    cache.finalize("train", 1, id_hash(["a"]))
     with pytest.raises(CacheError, match=r"not completed split\(s\) \['test'\]"):
-        cache.require_complete(FP, ["train", "test"])
-    assert cache.require_complete(FP, ["train"])["complete_splits"]["train"]["images"] == 1
+        cache.require_complete(KEY, ["train", "test"])
+    assert cache.require_complete(KEY, ["train"])["complete_splits"]["train"]["images"] == 1
+    assert cache.dim() == DIM
 
 
-def test_corrupt_manifest_is_reported(tmp_path: Path) -> None:
-    cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
+def test_corrupt_manifest_and_an_earlier_schema_are_reported(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
     (tmp_path / "c" / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="manifest.json is corrupt"):
         cache.manifest()
+    # A cache written before parts were kept per split (schema 1) is not read: the message says what to do.
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(
+        {"fingerprint": {"schema_version": 1, "hash": "x"}, "dim": 4, "complete_splits": {}}))
+    with pytest.raises(CacheError, match=r"earlier raydistill \(schema 1, this one reads 2\).*raydistill embed"):
+        cache.manifest()
 
 
-def test_rows_from_cache_batch_reshapes_flattened_text_embeddings() -> None:
-    batch = {
-        "image_id": np.array(["a", "b"], dtype=object),
-        "t_img": np.array([np.arange(DIM, dtype=np.float32), np.ones(DIM, np.float32)], dtype=object),
-        "t_txt": np.array([np.arange(2 * DIM, dtype=np.float32), np.arange(3 * DIM, dtype=np.float32)], dtype=object),
-    }
-    out = rows_from_cache_batch(batch)
-    assert out["t_img"].shape == (2, DIM)
-    assert out["t_txt"][0].shape == (2, DIM) and out["t_txt"][1].shape == (3, DIM)
-    np.testing.assert_array_equal(out["t_txt"][1][2], np.arange(8, 12, dtype=np.float32))
-
-
-def test_read_split_then_local_decode_gives_the_rows_ray_data_would(tmp_path: Path) -> None:
-    """The driver-side path for small evaluation splits: one split's rows, its embeddings reshaped to
-    [captions, d], images decoded with the run's policy (a corrupt file skipped and counted)."""
-    from PIL import Image
-
-    from raydistill.config import load_config
-    from raydistill.pipeline.datasets import column_batch, decode_locally
-
-    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 255, 0))):
-        Image.new("RGB", (64, 32), colour).save(tmp_path / f"{name}.jpg", quality=95)
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    cache = EmbeddingCache(str(tmp_path / "c"))
-    cache.open(FP, DIM)
-    test_rows = _rows(["a", "bad", "b"], split="test", n_caps=3)
-    test_rows["path"] = [str(tmp_path / f"{i}.jpg") for i in ("a", "bad", "b")]
-    cache.write_part(_rows(["c"], split="train"), DIM)
-    cache.write_part(test_rows, DIM)
-
-    table = cache.read_split("test")
-    assert table.column("image_id").to_pylist() == ["a", "bad", "b"]
-    batch = rows_from_cache_batch(column_batch(table.to_pydict()))
-    np.testing.assert_array_equal(batch["t_img"], test_rows["t_img"])
-    assert batch["t_txt"][2].shape == (3, DIM)
-    np.testing.assert_array_equal(batch["t_txt"][2], test_rows["t_txt"][2])
-
-    class Counted:
-        def __init__(self) -> None:
-            self.totals: dict = {}
-
-        def add_many(self, values: dict) -> dict:
-            for k, v in values.items():
-                self.totals[k] = self.totals.get(k, 0) + v
-            return dict(self.totals)
-
-    counters = Counted()
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml", ["data.decode_size=16"])
-    rows = decode_locally(batch, cfg, counters, chunk=2)  # two chunks: [a, bad], [b]
-    assert [r["image_id"] for r in rows] == ["a", "b"]
-    assert rows[0]["image"].shape == (16, 16, 3) and rows[0]["image"][8, 8].tolist() == [254, 0, 0]
-    assert list(rows[1]["caption_ids"]) == ["b#0", "b#1", "b#2"]
-    np.testing.assert_array_equal(rows[1]["t_img"], test_rows["t_img"][2])
-    assert counters.totals == {"images_decoded": 2, "captions_decoded": 6, "bad_images": 1,
-                               "bad_images/not_an_image": 1}
-    assert cache.read_split("val").num_rows == 0
+def test_a_first_pass_that_delivered_every_image_is_not_read_back(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    cache.write_part(_rows(["a", "b"]), DIM)
+    delivered = {"images": 2, "captions": 4, "id_hash": id_hash(["b", "a"])}
+    assert cache.finalize("train", 2, id_hash(["a", "b"]), delivered=delivered) == \
+        {"images": 2, "captions": 4, "duplicates_removed": 0}
+    # What a pass delivered but does not match (a worker restarted, images re-embedded): the parts are counted.
+    cache.write_part(_rows(["c"], split="val"), DIM)
+    wrong = {"images": 3, "captions": 6, "id_hash": id_hash(["c", "c", "c"])}
+    assert cache.finalize("val", 1, id_hash(["c"]), delivered=wrong)["images"] == 1

@@ -1,54 +1,91 @@
-"""The `raydistill` entry point's exit: main's status, every thread and exit handler, flushed output."""
+"""The `raydistill` command line: overrides anywhere, one message per error with the right exit status, the
+traceback only for faults (or with --debug), and a JSON object on failure with --json."""
 
 from __future__ import annotations
 
+import errno
+import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-# main() is replaced by one that leaves work for the exit sequence: a non-daemon thread still writing, an atexit
-# handler, and output still in stdout's buffer (a pipe is block-buffered).
-SCRIPT = textwrap.dedent("""
-    import atexit, sys, threading, time
-    from pathlib import Path
-    import raydistill.cli as cli
+from raydistill import cli
+from raydistill.data.records import DataError
 
-    out = Path(sys.argv[1])
-
-    def late_writer():
-        time.sleep(0.5)
-        (out / "thread.txt").write_text("joined")
-
-    def fake_main():
-        threading.Thread(target=late_writer).start()
-        atexit.register(lambda: (out / "atexit.txt").write_text((out / "thread.txt").read_text() + " then atexit"))
-        sys.stdout.write("x" * 100_000 + " last words")
-        return int(sys.argv[2])
-
-    cli.main = fake_main
-    cli.console_main()
-    (out / "after.txt").write_text("console_main returned")
-""")
-
-
-@pytest.mark.parametrize("status", [0, 3])
-def test_console_main_exits_with_mains_status_after_threads_handlers_and_output(tmp_path: Path, status: int) -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(status)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == status, proc.stderr[-2000:]
-    assert proc.stdout == "x" * 100_000 + " last words"
-    # The thread was joined before the exit handlers ran, as at a normal interpreter exit.
-    assert (tmp_path / "atexit.txt").read_text() == "joined then atexit"
-    assert not (tmp_path / "after.txt").exists()  # the process ended inside console_main
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_module_entry_point_reports_a_bad_config_with_status_2(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "run", str(missing)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "run", str(missing), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("raydistill: error:")
-    assert str(missing) in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"raydistill: error: config file not found: {missing}"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "error": f"config file not found: {missing}", "kind": "user"}
+
+
+def test_overrides_are_accepted_anywhere_on_the_line() -> None:
+    parser = cli.build_parser()
+    args, debug = cli._split_overrides(parser, ["eval", "configs/quick.yaml", "--student", "runs/x/student",
+                                                "train.lr=1e-3", "--teacher", "data.limit_images=5"])
+    assert args.overrides == ["train.lr=1e-3", "data.limit_images=5"]
+    assert (args.config, args.student, args.teacher, debug) == ("configs/quick.yaml", "runs/x/student", True, False)
+    with pytest.raises(SystemExit):
+        cli._split_overrides(parser, ["eval", "configs/quick.yaml", "--no-such-flag"])
+
+
+def _failing(err: BaseException):
+    def command(args):
+        raise err
+    return command
+
+
+@pytest.mark.parametrize(
+    "error, status, kind, message, traceback_shown",
+    [
+        (DataError("m.jsonl: row with image 'b.jpg': has both 'caption' and 'captions'; use one"), 2, "user",
+         "m.jsonl: row with image 'b.jpg': has both 'caption' and 'captions'; use one", False),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/cache/parts/train/part-1.parquet"), 1, "failure",
+         "/data/cache/parts/train/part-1.parquet: No space left on device; free some space", False),
+        (ZeroDivisionError("a bug"), 1, "failure", "ZeroDivisionError: a bug", True),
+    ],
+)
+def test_each_failure_is_one_message_with_its_status(monkeypatch, capsys, error, status, kind, message,
+                                                     traceback_shown) -> None:
+    from raydistill.pipeline.run_folder import CURRENT_RUN
+
+    monkeypatch.setattr(cli, "cmd_embed", _failing(error))
+    monkeypatch.setitem(CURRENT_RUN, "run_dir", None)
+    assert cli.main(["embed", "configs/quick.yaml", "--json"]) == status
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith(f"raydistill: error: {message}")
+    assert ("Traceback" in err) == traceback_shown
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["kind"] == kind and result["error"].startswith(message)
+    # --debug shows the traceback of a user error too.
+    assert cli.main(["embed", "configs/quick.yaml", "--debug"]) == status
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_user_error_raised_in_a_ray_task_is_reported_as_itself(monkeypatch, capsys) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        @ray.remote(max_retries=0)
+        def read() -> None:
+            raise DataError("shards/a.tar: member k.txt: not valid UTF-8 at byte 3")
+
+        def command(args):
+            ray.get(read.remote())
+
+        monkeypatch.setattr(cli, "cmd_embed", command)
+        monkeypatch.setattr(cli, "_shutdown_ray", lambda: None)
+        assert cli.main(["embed", "configs/quick.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == ["raydistill: error: shards/a.tar: member k.txt: not valid UTF-8 at byte 3"]
+    finally:
+        ray.shutdown()

@@ -4,9 +4,10 @@ Two Ray runs on one local instance (a 0.05 M-parameter student, 120 synthetic im
 
 - a teacher actor killed mid-pass while ``embed`` resumes a partial cache: every image and caption ends up
   in the cache exactly once, and only the missing images were embedded;
-- a student worker killed mid-epoch, in the deterministic order mode (``train.shuffle_buffer=0``): the run
-  resumes from its last checkpoint and ends in exactly the state of an uninterrupted run with the same seed,
-  computed here without Ray from the same rows (student, optimizer, scheduler, queues, balancer, loss curve).
+- a student worker killed mid-epoch, with shuffling on (a seeded global order per epoch and a window shuffle
+  of caption rows): the run resumes from its last checkpoint and ends in exactly the state of an uninterrupted
+  run with the same seed, computed here without Ray from the same rows in the same order (student, optimizer,
+  scheduler, queues, balancer, loss curve).
 
 The rest needs no Ray: atomic checkpoint writes on a full disk, recovery skipping a truncated checkpoint,
 unwritable output folders, and a split with no images. Bad images, bad dataset files, bad teacher checkpoints,
@@ -20,7 +21,6 @@ import errno
 import io
 import json
 import os
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,17 +31,24 @@ import pytest
 import ray
 import torch
 
-from e2e_helpers import TEACHER_DIM, make_tiny_teacher, tiny_config
+from e2e_helpers import (
+    BATCH,
+    TEACHER_DIM,
+    assert_same_state,
+    decoded_rows,
+    make_tiny_teacher,
+    tiny_config,
+    uninterrupted_reference,
+)
 from raydistill.config import ConfigError, config_from_dict
-from raydistill.data.sources import DataError
+from raydistill.data.source import caption_files, source_identity
+from raydistill.data.sources import read_karpathy
 from raydistill.pipeline.cache import EmbeddingCache
-from raydistill.pipeline.datasets import read_records
-from raydistill.pipeline.rows import decode_batch, explode_batch
-from raydistill.pipeline.runner import embed, run_experiment, student_max_len, teacher_spec
+from raydistill.pipeline.runner import embed, run_experiment
+from raydistill.pipeline.teacher_side import cache_key, teacher_spec
 from raydistill.pipeline.teacher_stage import TeacherEmbedder
 from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE, Trainer, latest_checkpoint
 
-BATCH = 32  # train.batch_size of tiny_config
 TEACHER_BATCH = 16  # teacher.pool.batch_size of the embed test: several teacher batches per pass
 
 
@@ -52,38 +59,28 @@ def _column(values: list[Any]) -> np.ndarray:
     return out
 
 
-def _image_rows(records: list[dict[str, Any]], decode_size: int) -> dict[str, np.ndarray]:
-    """Records as the decoded image-level batch the pipeline builds (numpy columns + ``image``)."""
-    keys = ("image_id", "path", "data", "captions", "caption_ids", "split")
-    batch = {k: _column([r.get(k) for r in records]) for k in keys}
-    return decode_batch(batch, size=decode_size, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=10**8)
+def read_records(cfg: Any) -> dict[str, list[dict[str, Any]]]:
+    """The synthetic source's records by split, read in this process (the pipeline reads them in Ray tasks)."""
+    (_, json_path, image_root, _), = caption_files(cfg)
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for record in read_karpathy(json_path, image_root):
+        by_split.setdefault(record["split"], []).append(record)
+    return by_split
+
+
+
 
 
 def _rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
-def _cache_rows(cache_dir: Path) -> list[dict[str, Any]]:
+def _cache_rows(cache_dir: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> list[dict[str, Any]]:
     rows = []
-    for path in EmbeddingCache(str(cache_dir)).part_files():
-        rows.extend(pq.read_table(path).to_pylist())
+    for split in splits:
+        for path in EmbeddingCache(str(cache_dir)).part_files(split):
+            rows.extend(pq.read_table(path).to_pylist())
     return rows
-
-
-def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for k in a:
-            _assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ------------------------------------------------------------------------------------------------ no Ray
@@ -165,13 +162,6 @@ def test_an_unwritable_output_location_stops_the_run_before_it_starts(tmp_path: 
     assert blocker.read_text() == "not a folder"
 
 
-def test_a_split_with_no_images_names_the_split_and_the_splits_present(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "teacher", tmp_path, extra=["data.test_split=testing"])
-    with pytest.raises(DataError, match=r"split 'testing' has no images; splits present: \['test', 'train', "
-                                        r"'val'\] \(set data.train_split"):
-        read_records(cfg)
-
-
 # ------------------------------------------------------------------------------------------------ Ray
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory: pytest.TempPathFactory):
@@ -188,7 +178,6 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
     os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"{plan['kill_at']}:{markers['worker']}"
     os.environ["RAYDISTILL_KILL_TEACHER_AT"] = f"2:{markers['teacher']}"
     ray.init(address="local", num_cpus=6, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     yield {"teacher": teacher, "markers": markers, **plan}
     ray.shutdown()
     os.environ.pop("RAYDISTILL_KILL_WORKER_AT", None)
@@ -207,10 +196,11 @@ def test_a_teacher_actor_killed_mid_pass_leaves_every_image_embedded_once(ray_en
 
     # A partial cache, as an earlier pass cut short leaves it: the first 32 training images.
     spec = teacher_spec(cfg)
-    (cache_dir / "parts").mkdir(parents=True)
     early = records["train"][:32]
-    TeacherEmbedder(spec, TEACHER_DIM, cache_uri=str(cache_dir))(_image_rows(early, cfg.data.decode_size))
-    assert len(EmbeddingCache(str(cache_dir)).part_files()) == 1
+    EmbeddingCache(str(cache_dir)).open(cache_key(cfg, spec, source_identity(cfg)), TEACHER_DIM,
+                                        TeacherEmbedder(spec, TEACHER_DIM).teacher.fingerprint)
+    TeacherEmbedder(spec, TEACHER_DIM, cache_uri=str(cache_dir))(decoded_rows(early, {"image": cfg.data.decode_size}))
+    assert len(EmbeddingCache(str(cache_dir)).part_files("train")) == 1
 
     summary = embed(cfg)
 
@@ -235,55 +225,15 @@ def test_a_teacher_actor_killed_mid_pass_leaves_every_image_embedded_once(ray_en
         assert row["caption_ids"] == list(record["caption_ids"])
         assert row["captions"] == list(record["captions"])
         assert len(row["t_txt"]) == len(record["captions"]) * TEACHER_DIM
-    assert not [p for p in (cache_dir / "parts").iterdir() if not p.name.endswith(".parquet")]
+    assert not [p for p in (cache_dir / "parts").rglob("*") if p.is_file() and not p.name.endswith(".parquet")]
 
     # ... and the embeddings are the teacher's for that image and those captions (not a neighbour's).
     everything = [r for s in splits for r in records[s]]
-    reference = TeacherEmbedder(spec, TEACHER_DIM)(_image_rows(everything, cfg.data.decode_size))
+    reference = TeacherEmbedder(spec, TEACHER_DIM)(decoded_rows(everything, {"image": cfg.data.decode_size}))
     for i, record in enumerate(everything):
         row = by_id[record["image_id"]]
         np.testing.assert_allclose(np.asarray(row["t_img"]), reference["t_img"][i], atol=1e-5)
         np.testing.assert_allclose(np.asarray(row["t_txt"]).reshape(-1, TEACHER_DIM), reference["t_txt"][i], atol=1e-5)
-
-
-def _uninterrupted_reference(cfg: Any, run_dir: Path, planned: int) -> tuple[Trainer, dict[int, dict[str, float]]]:
-    """The same training without Ray, interruptions or concurrency: the run's rows, in record order."""
-    from raydistill.models.tokenizers import load_tokenizer
-
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    records = read_records(cfg)[cfg.data.train_split]
-    decoded = _image_rows(records, cfg.data.decode_size)
-    threads = torch.get_num_threads()
-    # One thread, as in the teacher actor and the Train worker (one CPU each; the thread count changes the
-    # order of float additions, and so the last bits of the results).
-    assert cfg.teacher.pool.num_cpus == cfg.train.cpus_per_worker == 1
-    torch.set_num_threads(1)
-    try:
-        teacher = TeacherEmbedder(teacher_spec(cfg), TEACHER_DIM)
-        pool_batch = cfg.teacher.pool.batch_size  # the teacher sees the batches its actor saw
-        parts = [explode_batch(teacher(_rows(decoded, i, i + pool_batch)), tokenizer, student_max_len(cfg), True)
-                 for i in range(0, len(records), pool_batch)]
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        n = len(rows["input_ids"]) // BATCH * BATCH  # full batches only (drop_last)
-        batches = [{k: torch.as_tensor(v[i:i + BATCH]) for k, v in rows.items()} for i in range(0, n, BATCH)]
-
-        seed = cfg.train.seed
-        random.seed(seed)
-        np.random.seed(seed)
-        trainer = Trainer(cfg.model_dump(mode="json"), TEACHER_DIM, len(tokenizer), planned, torch.device("cpu"))
-        outputs: dict[int, dict[str, float]] = {}
-        while trainer.step < planned:
-            for batch in batches:
-                out = trainer.train_step(batch)
-                outputs[trainer.step] = out
-                if trainer.step >= planned:
-                    break
-            if trainer.step < planned:
-                trainer.epoch += 1
-                trainer.epoch_start_step = trainer.step
-    finally:
-        torch.set_num_threads(threads)
-    return trainer, outputs
 
 
 @pytest.mark.ray
@@ -291,9 +241,10 @@ def _uninterrupted_reference(cfg: Any, run_dir: Path, planned: int) -> tuple[Tra
 def test_a_worker_killed_mid_epoch_resumes_to_the_state_of_an_uninterrupted_run(ray_env: dict,
                                                                                 tmp_path: Path) -> None:
     planned, every, per_epoch = ray_env["planned"], ray_env["checkpoint_every"], ray_env["per_epoch"]
+    cache_dir = tmp_path / "cache"
     cfg = tiny_config(ray_env["teacher"], tmp_path, steps=planned, extra=[
-        "train.shuffle_buffer=0", f"train.checkpoint_every={every}", "train.log_every=1", "tracking.enabled=false",
-        "train.max_failures=2",
+        f"train.checkpoint_every={every}", "train.log_every=1", "tracking.enabled=false", "train.max_failures=2",
+        f"cache.dir={cache_dir}", "train.shuffle=global", "train.shuffle_buffer=64",
     ])
     summary = run_experiment(cfg)
 
@@ -303,9 +254,9 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_state_of_an_uninterrupted_run(
     state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
     assert (state["step"], state["epoch"], state["epoch_start_step"]) == (planned, 1, per_epoch)
 
-    reference, outputs = _uninterrupted_reference(cfg, Path(summary["run_dir"]), planned)
+    reference, outputs = uninterrupted_reference(cfg, Path(summary["run_dir"]), cache_dir, planned)
     # Student, optimizer moments, LR schedule, teacher-embedding queues, balancer history, RNG: all equal.
-    _assert_same_state(state, reference.state_dict())
+    assert_same_state(state, reference.state_dict())
 
     # The loss curve is continuous: each step logged once, with the uninterrupted run's values.
     history = json.loads((Path(summary["checkpoint"]) / HISTORY_FILE).read_text())

@@ -1,10 +1,13 @@
-"""The driver killed: `raydistill run --resume` continues the run from its last checkpoint to the planned step.
+"""The driver killed: `raydistill run --resume` continues the run from its last checkpoint to the planned step,
+and ends in the state of a run never interrupted.
 
-The real command runs in a subprocess with its own local Ray instance. The Train worker is told to stall at
-step 4 (``RAYDISTILL_STALL_WORKER_AT``), after the step-3 checkpoint is on disk; the test then kills the
-driver and every process it started with SIGKILL, as a machine dying would, and resumes the run by its
-folder. (`raydistill embed` resuming a partial cache is tested in tests/test_reliability.py, on a cache
-whose teacher actor is killed mid-pass.)
+The real command runs in a subprocess with its own local Ray instance, shuffling on (a seeded global order and
+a window shuffle). The Train worker is told to stall at step 4 (``RAYDISTILL_STALL_WORKER_AT``), after the
+step-3 checkpoint is on disk, in the middle of the first epoch's stream through the teacher; the test then
+kills the driver and every process it started with SIGKILL, as a machine dying would, and resumes the run by
+its folder: the partly filled cache is completed, and the epoch goes on from the cache in the same order.
+(`raydistill embed` resuming a partial cache is tested in tests/test_reliability.py, on a cache whose teacher
+actor is killed mid-pass.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from e2e_helpers import REPO, make_tiny_teacher, tiny_overrides
+from e2e_helpers import REPO, assert_same_state, make_tiny_teacher, tiny_overrides, uninterrupted_reference
+from raydistill.pipeline.run_folder import load_run_config
 from raydistill.pipeline.trainer import STATE_FILE, latest_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,31 +47,11 @@ def _processes() -> dict[int, tuple[int, int]]:
     return out
 
 
-def _tree(root: int) -> set[int]:
-    """``root``, its descendants, and whatever else runs in its session (it was started as a session leader)."""
-    procs = _processes()
-    found, todo = {root}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, _) in procs.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                todo.append(pid)
-    return found | {pid for pid, (_, sid) in procs.items() if sid == root}
-
-
-def _kill_everything_started_by(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (Ray's GCS, raylet, workers), by process id."""
-    pids = _tree(proc.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and pids & set(_processes()):
-        time.sleep(0.5)
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
@@ -92,6 +76,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
     with open(log, "w") as sink:
         proc = subprocess.Popen([*command, str(REPO / "configs" / "quick.yaml"), *overrides, "--json"], cwd=tmp_path,
                                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    records: list[Path] = []
     try:
         _wait_for(marker.exists, proc, log, "stall at step 4", timeout=480)
         runs = list((out / "runs").iterdir())
@@ -99,8 +84,14 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
         run_dir = runs[0]
         checkpoints = out / "ray_train" / run_dir.name
         _wait_for(lambda: latest_checkpoint(checkpoints) is not None, proc, log, "checkpoint on disk", timeout=120)
+        records = list((Path(os.environ["RAYDISTILL_HOME"]) / "local-instances").glob("*.json"))
+        assert len(records) == 1  # the instance this driver started, recorded
+        session = json.loads(records[0].read_text())["session_dir"]
     finally:
-        _kill_everything_started_by(proc)
+        # The driver alone, as `kill -9 <pid>` would: whatever of its instance survives it is left to the next
+        # command to end (it was started in its own session, so nothing else here is touched).
+        proc.kill()
+        proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert marker.read_text() == "stalled at step 4\n"
     assert torch.load(latest_checkpoint(checkpoints) / STATE_FILE, weights_only=True)["step"] == 3
@@ -109,6 +100,10 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
     resumed = subprocess.run([*command, "--resume", str(run_dir), "--json"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # Nothing of the killed driver's instance is left: the resume ended what had outlived it.
+    left = [pid for pid in _processes() if session in " ".join(_cmdline(pid))]
+    assert left == []
+    assert not records[0].exists()
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["run_dir"] == str(run_dir)
     assert summary["steps"] == summary["planned_steps"] == STEPS
@@ -116,14 +111,19 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
     state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
     assert state["step"] == STEPS and state["balancer"]["_extra_state"]["step"] == STEPS
     assert json.loads((run_dir / "result.json").read_text())["steps"] == STEPS
-    # The worker's progress lines reach the driver once each (Ray Train's patched print used to double them).
-    assert resumed.stderr.count(f"[raydistill] step {STEPS}/{STEPS} ") == 1
+    # The driver shows the training's progress to the last step (the workers' own output goes to Ray's logs).
+    assert f"[raydistill] training: {STEPS}/{STEPS} (100%)" in resumed.stderr
+
+    # The student, optimizer, schedule, balancer and queues of the uninterrupted run of the same seed.
+    reference, outputs = uninterrupted_reference(load_run_config(run_dir), run_dir, Path(summary["cache_dir"]), STEPS)
+    assert_same_state(state, reference.state_dict())
 
     # One MLflow run, continued: every step's loss logged exactly once across the two drivers.
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss/contrastive")]
-    assert steps == list(range(1, STEPS + 1))
+    logged = sorted(client.get_metric_history(summary["run_id"], "loss/contrastive"), key=lambda m: m.step)
+    assert [m.step for m in logged] == list(range(1, STEPS + 1))
+    assert [m.value for m in logged] == pytest.approx([outputs[k]["loss/contrastive"] for k in range(1, STEPS + 1)])
     experiment = client.get_experiment(run.info.experiment_id)
     assert len(client.search_runs([experiment.experiment_id])) == 1

@@ -34,16 +34,55 @@ def _batch(tmp_path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def test_decode_skips_and_keeps_the_rest(tmp_path: Path) -> None:
-    out = decode_batch(_batch(tmp_path), size=8, on_bad_image="skip", max_bad_fraction=1.0, max_pixels=10**6)
+class FakeCounters:
+    """The counters actor's bookkeeping, in process (tests/test_counters_... run the real actor)."""
+
+    def __init__(self) -> None:
+        from raydistill.pipeline.counters import _CountersActor
+
+        self.actor = _CountersActor.__ray_actor_class__()
+
+    def add_many(self, values: dict, bad: list | None = None) -> dict:
+        return self.actor.add_many(values, bad)
+
+
+def test_decode_once_to_each_size_skipping_bad_images(tmp_path: Path) -> None:
+    counters = FakeCounters()
+    out = decode_batch(_batch(tmp_path), sizes={"image": 8, "pixels": 4}, on_bad_image="skip", max_bad_fraction=1.0,
+                       max_pixels=10**6, counters=counters)
     assert list(out["image_id"]) == ["good", "bytes"]
     assert out["image"].shape == (2, 8, 8, 3) and out["image"].dtype == np.uint8
-    assert tuple(out["image"][0, 4, 4]) == (255, 0, 0) and tuple(out["image"][1, 4, 4]) == (0, 0, 255)
+    assert out["pixels"].shape == (2, 4, 4, 3)
+    assert tuple(out["image"][0, 4, 4]) == (255, 0, 0) and tuple(out["pixels"][1, 2, 2]) == (0, 0, 255)
+    assert list(out["captions"][1]) == ["a blue box", "blue"] and out["data"][1] is not None  # passed through
+    totals = counters.actor.get()
+    assert (totals["images_decoded"], totals["bad_images"]) == (2, 2)
+    assert (totals["bad_images/empty"], totals["bad_images/missing"]) == (1, 1)
+    # The same bad files again (the next epoch of a run without a cache): counted once.
+    decode_batch(_batch(tmp_path), sizes={"pixels": 4}, on_bad_image="skip", max_bad_fraction=1.0,
+                 max_pixels=10**6, counters=counters)
+    assert counters.actor.get()["bad_images"] == 2
+    assert sorted(counters.actor.get_bad_files()) == [(str(tmp_path / "empty.jpg"), "empty"),
+                                                      (str(tmp_path / "nope.jpg"), "missing")]
+    bad = counters.actor.get_bad_in_split("train")
+    from raydistill.pipeline.cache import id_hash
+
+    assert bad == {"images": 2, "id_hash": id_hash(["empty", "missing"])}
 
 
 def test_decode_fail_policy_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(BadImageError, match=r"empty\.jpg.*on_bad_image=fail"):
-        decode_batch(_batch(tmp_path), size=8, on_bad_image="fail", max_bad_fraction=1.0, max_pixels=10**6)
+        decode_batch(_batch(tmp_path), sizes={"image": 8}, on_bad_image="fail", max_bad_fraction=1.0,
+                     max_pixels=10**6)
+
+
+def test_too_many_bad_images_stops_with_the_limit_named(tmp_path: Path) -> None:
+    batch = {k: np.concatenate([v] * 6) for k, v in _batch(tmp_path).items()}
+    batch["image_id"] = np.array([f"{i}-{k}" for k in range(6) for i in _batch(tmp_path)["image_id"]], dtype=object)
+    with pytest.raises(BadImageError, match=r"12 of 24 images could not be decoded, more than "
+                                            r"data\.max_bad_fraction=0\.05"):
+        decode_batch(batch, sizes={"pixels": 4}, on_bad_image="skip", max_bad_fraction=0.05, max_pixels=10**6,
+                     counters=FakeCounters())
 
 
 def test_stable_id_is_stable_and_non_negative() -> None:
@@ -62,7 +101,7 @@ def test_explode_makes_one_row_per_caption_with_its_teacher_embedding() -> None:
         "image_id": np.array(["good", "bytes"], dtype=object),
         "captions": np.array([["a red box"], ["a blue box", "blue"]], dtype=object),
         "caption_ids": np.array([["g0"], ["b0", "b1"]], dtype=object),
-        "image": np.stack([np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)]),
+        "pixels": np.stack([np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)]),
         "t_img": np.array([[9, 9, 9], [8, 8, 8]], np.float32),
         "t_txt": t_txt,
     }

@@ -174,19 +174,21 @@ def test_training_checkpoints_refuse_pickled_code(evil: tuple[Path, Path], tmp_p
 
 
 def test_a_local_ray_instance_serves_its_dashboard_on_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
     import ray
 
     from raydistill.config import config_from_dict
-    from raydistill.pipeline import runner
+    from raydistill.pipeline import ray_env
 
     calls: list[dict] = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    runner.init_ray(config_from_dict({"ray": {"num_cpus": 3}}))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or SimpleNamespace(address_info={}, dashboard_url=None))
+    ray_env.init_ray(config_from_dict({"ray": {"num_cpus": 3}}))
     assert len(calls) == 1
     assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 3
-    assert calls[0]["dashboard_host"] == "127.0.0.1"
+    assert calls[0]["dashboard_host"] == "127.0.0.1" and calls[0]["_node_ip_address"] == "127.0.0.1"
 
 
 def test_mlflow_server_binds_to_localhost_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,35 +1,20 @@
-"""Data: readers for each source format, robust image decoding, and the synthetic captioned-scenes dataset.
+"""Data: the sources raydistill reads, robust image decoding, and the synthetic captioned-scenes dataset.
 
-Every reader returns image-level records (see `raydistill.data.sources`); `decode_image` turns a record's
-``path`` or ``data`` into an RGB array; `ensure_synth_dataset` provides the embedded default dataset.
+Every source becomes image-level rows (see :mod:`raydistill.data.records`), read by Ray Data in tasks
+(:func:`raydistill.data.source.source_dataset`); `decode_image` turns a row's ``path`` or ``data`` into an RGB
+array; `ensure_synth_dataset` provides the embedded default dataset.
 """
 
 from raydistill.data.images import BadImageError, decode_image, open_uri, resize_center_crop
-from raydistill.data.sources import (
-    READERS,
-    DataError,
-    ReadStats,
-    caption_rows,
-    clean_caption,
-    dataset_fingerprint,
-    expand_shards,
-    read_coco_captions,
-    read_karpathy,
-    read_manifest,
-    read_source,
-    read_webdataset,
-    summarize,
-)
+from raydistill.data.records import DataError, ReadStats, clean_caption, expand_shards
+from raydistill.data.sources import read_coco_captions, read_karpathy
 from raydistill.data.synth import ensure_synth_dataset, generate_scenes
 
 __all__ = [
-    "READERS",
     "BadImageError",
     "DataError",
     "ReadStats",
-    "caption_rows",
     "clean_caption",
-    "dataset_fingerprint",
     "decode_image",
     "ensure_synth_dataset",
     "expand_shards",
@@ -37,9 +22,5 @@ __all__ = [
     "open_uri",
     "read_coco_captions",
     "read_karpathy",
-    "read_manifest",
-    "read_source",
-    "read_webdataset",
     "resize_center_crop",
-    "summarize",
 ]

@@ -24,6 +24,8 @@ from urllib.request import url2pathname
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from raydistill.errors import UserError
+
 #: Pillow's own default bomb limit (about 89.5 megapixels, a 9459 x 9459 image); used as our default too.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -33,7 +35,7 @@ BAD_IMAGE_REASONS = ("missing", "empty", "unreadable", "not_an_image", "too_larg
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image that cannot be decoded; ``reason`` is one of `BAD_IMAGE_REASONS`, ``name`` the file."""
 
     def __init__(self, name: str, reason: str, detail: str) -> None:

@@ -1,121 +1,103 @@
-"""The teacher-embedding cache: Parquet part files keyed by image id, with a fingerprinted manifest.
+"""The teacher-embedding cache: Parquet parts keyed by image id, one folder per split, and a keyed manifest.
 
 Layout of a cache folder (local path or object-store URI)::
 
-    manifest.json            schema version, fingerprint (and its parts), dimension, completed splits
-    parts/part-<uuid>.parquet one file per teacher batch: image-level rows
+    manifest.json                         schema version, key (and its parts), teacher fingerprint, dimension,
+                                          completed splits with their counts
+    parts/<split>/part-<ids hash>.parquet  one file per teacher batch and split: image-level rows
 
-Each row: ``image_id``, ``split``, ``path``, ``data`` (image bytes when the source had no path),
-``captions``, ``caption_ids``, ``t_img`` (d floats) and ``t_txt`` (n_captions x d floats, flattened).
-Parts are written under a temporary name and renamed, so a killed writer leaves no half file. A teacher
-actor retried after dying may write a batch twice; :meth:`EmbeddingCache.finalize` removes such duplicates,
-so a completed split holds every image and caption exactly once.
+Each row: ``image_id``, ``split``, ``path``, ``data`` (image bytes when the source had no path), ``captions``,
+``caption_ids``, ``t_img`` (d floats) and ``t_txt`` (n_captions x d floats, flattened). A part is written under
+a temporary name and renamed, so a killed writer leaves no half file; its name is a hash of its image ids, so
+a batch that Ray retries after an actor died overwrites its own part instead of adding a copy.
 
-A cache is used only when its fingerprint (teacher identity and weights hash, teacher preprocessing,
-dataset identity, schema version) equals the run's; otherwise the run stops and says which part differs.
+No process reads the whole cache: splits are read by Ray Data (:meth:`EmbeddingCache.split_dataset`), and
+:meth:`EmbeddingCache.finalize` checks a split in one Ray pass that keeps per-batch counts only.
+
+A cache is used only when its key (teacher identity, teacher preprocessing, dataset identity, schema version)
+equals the run's; otherwise the run stops and says which part differs. The key is made from the teacher's
+spec (kind, checkpoint, tokenizer, architecture, dtype), so a cache-mode run never loads the teacher; a run
+that loads it also checks the weights' fingerprint recorded in the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from raydistill.errors import UserError
+
+SCHEMA_VERSION = 2
+KEY_PARTS = ("schema_version", "teacher", "preprocessing", "dataset")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """The cache cannot be used as asked (stale, incomplete, corrupt); the message says why and what to do."""
 
 
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    from pathlib import Path
+
     if "://" in uri and not uri.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
+        return pafs.FileSystem.from_uri(uri)
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
-def file_digest(path: str | os.PathLike, memo_dir: Path | None = None) -> str:
-    """sha256 of a file's bytes (or of a folder's files), memoised by (path, size, mtime)."""
-    p = Path(path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            h.update(str(f.relative_to(p)).encode())
-            h.update(file_digest(f, memo_dir).encode())
-        return h.hexdigest()
-    st = p.stat()
-    memo_dir = memo_dir or Path(os.environ.get("RAYDISTILL_HOME", Path.home() / ".cache" / "raydistill"))
-    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    memo = memo_dir / "digests" / key
-    if memo.is_file():
-        return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".tmp{uuid.uuid4().hex}")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
-    except OSError:  # a read-only home only costs a re-hash next time
-        pass
-    return digest
-
-
-def make_fingerprint(teacher: dict[str, Any], preprocessing: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The parts a cache's identity is made of; compare with :func:`describe_mismatch`."""
-    parts = {
-        "schema_version": SCHEMA_VERSION,
-        "teacher": teacher,
-        "preprocessing": preprocessing,
-        "dataset": dataset,
-    }
+def make_key(teacher: dict[str, Any], preprocessing: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The parts a cache's identity is made of, and their hash (compare two with :func:`describe_mismatch`)."""
+    parts = {"schema_version": SCHEMA_VERSION, "teacher": teacher, "preprocessing": preprocessing, "dataset": dataset}
     parts["hash"] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return parts
 
 
 def describe_mismatch(have: dict[str, Any], want: dict[str, Any]) -> str:
-    """Which fingerprint parts differ, for the error message."""
-    diffs = [k for k in ("schema_version", "teacher", "preprocessing", "dataset") if have.get(k) != want.get(k)]
-    details = []
-    for k in diffs:
-        details.append(f"{k}: cache has {json.dumps(have.get(k), default=str)[:200]}, "
-                       f"this run has {json.dumps(want.get(k), default=str)[:200]}")
+    """Which key parts differ, for the error message."""
+    details = [f"{k}: cache has {json.dumps(have.get(k), default=str)[:200]}, "
+               f"this run has {json.dumps(want.get(k), default=str)[:200]}"
+               for k in KEY_PARTS if have.get(k) != want.get(k)]
     return "; ".join(details) or "unknown difference"
 
 
-def _row_table(rows: dict[str, Any], dim: int) -> pa.Table:
+def id_hash(image_ids: Any) -> int:
+    """Sum (mod 2**64) of a 64-bit hash of each id: equal for two id multisets exactly when they match
+    (up to hash collisions), whatever their order; computed per batch and added up."""
+    total = 0
+    for image_id in image_ids:
+        total += int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little")
+    return total % 2**64
+
+
+def _part_table(rows: dict[str, Any], dim: int) -> pa.Table:
     n = len(rows["image_id"])
     t_img = np.asarray(rows["t_img"], dtype=np.float32).reshape(n, dim)
-    t_txt = [np.asarray(x, dtype=np.float32).reshape(-1) for x in rows["t_txt"]]
     datas = rows.get("data")
-    return pa.table(
-        {
-            "image_id": pa.array([str(x) for x in rows["image_id"]], pa.string()),
-            "split": pa.array([str(x) for x in rows["split"]], pa.string()),
-            "path": pa.array([None if x is None else str(x) for x in rows.get("path", [None] * n)], pa.string()),
-            "data": pa.array([None if datas is None or x is None else bytes(x) for x in (datas if datas is not None else [None] * n)], pa.binary()),
-            "captions": pa.array([[str(c) for c in x] for x in rows["captions"]], pa.list_(pa.string())),
-            "caption_ids": pa.array([[str(c) for c in x] for x in rows["caption_ids"]], pa.list_(pa.string())),
-            "t_img": pa.FixedSizeListArray.from_arrays(pa.array(t_img.reshape(-1), pa.float32()), dim),
-            "t_txt": pa.array(t_txt, pa.list_(pa.float32())),
-        }
-    )
+    return pa.table({
+        "image_id": pa.array([str(x) for x in rows["image_id"]], pa.string()),
+        "split": pa.array([str(x) for x in rows["split"]], pa.string()),
+        "path": pa.array([x if isinstance(x, str) and x else None for x in rows.get("path", [None] * n)], pa.string()),
+        "data": pa.array([bytes(x) if isinstance(x, (bytes, bytearray)) and len(x) else None
+                          for x in (datas if datas is not None else [None] * n)], pa.binary()),
+        "captions": pa.array([[str(c) for c in x] for x in rows["captions"]], pa.list_(pa.string())),
+        "caption_ids": pa.array([[str(c) for c in x] for x in rows["caption_ids"]], pa.list_(pa.string())),
+        "t_img": pa.FixedSizeListArray.from_arrays(pa.array(t_img.reshape(-1), pa.float32()), dim),
+        "t_txt": pa.array([np.asarray(x, dtype=np.float32).reshape(-1) for x in rows["t_txt"]], pa.list_(pa.float32())),
+    })
+
+
+def _count_part_batch(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return pa.table({"rows": [batch.num_rows],
+                     "captions": [int(pc.sum(pc.list_value_length(batch.column("caption_ids"))).as_py() or 0)],
+                     "id_hash": [str(id_hash(batch.column("image_id").to_pylist()))]})
 
 
 class EmbeddingCache:
@@ -134,191 +116,83 @@ class EmbeddingCache:
     def _manifest_path(self) -> str:
         return f"{self.root}/manifest.json"
 
-    @property
-    def _parts_dir(self) -> str:
-        return f"{self.root}/parts"
+    def _split_dir(self, split: str) -> str:
+        return f"{self.root}/parts/{split}"
 
     def manifest(self) -> dict[str, Any] | None:
         """The manifest, or None when the folder holds no cache yet."""
-        info = self.fs.get_file_info(self._manifest_path)
-        if info.type == pafs.FileType.NotFound:
+        if self.fs.get_file_info(self._manifest_path).type == pafs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(self._manifest_path) as f:
             try:
-                return json.loads(f.read().decode("utf-8"))
+                manifest = json.loads(f.read().decode("utf-8"))
             except ValueError as err:
                 raise CacheError(f"{self.uri}/manifest.json is corrupt ({err}); delete the cache folder") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(
+                f"the embedding cache at {self.uri} was written by an earlier raydistill (schema "
+                f"{manifest.get('schema_version', manifest.get('fingerprint', {}).get('schema_version'))}, this one "
+                f"reads {SCHEMA_VERSION}); delete the folder (or point cache.dir at a new one) and run "
+                "`raydistill embed <config>` to rebuild it"
+            )
+        return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        self._atomic_write(self._manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
-
-    def _atomic_write(self, path: str, payload: bytes) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{self._manifest_path}.tmp-{time.time_ns()}"
         with self.fs.open_output_stream(tmp) as f:
-            f.write(payload)
-        self.fs.move(tmp, path)
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self.fs.move(tmp, self._manifest_path)
 
-    def open(self, fingerprint: dict[str, Any], dim: int) -> None:
-        """Create the cache, or check that an existing one has this fingerprint.
+    def open(self, key: dict[str, Any], dim: int, teacher_fingerprint: str) -> None:
+        """Create the cache, or check that an existing one has this key and teacher fingerprint.
 
         Raises:
             CacheError: the cache was made by another teacher, preprocessing, dataset or schema.
         """
-        self.fs.create_dir(self._parts_dir, recursive=True)
+        self.fs.create_dir(f"{self.root}/parts", recursive=True)
         have = self.manifest()
         if have is None:
-            self._write_manifest(
-                {"fingerprint": fingerprint, "dim": dim, "complete_splits": {}, "created": time.time()}
-            )
+            self._write_manifest({"schema_version": SCHEMA_VERSION, "key": key, "dim": dim,
+                                  "teacher_fingerprint": teacher_fingerprint, "complete_splits": {},
+                                  "created": time.time()})
             return
-        self.check(fingerprint)
+        self.check(key)
+        if have.get("teacher_fingerprint") != teacher_fingerprint:
+            raise CacheError(
+                f"the embedding cache at {self.uri} is stale and will not be used: the teacher's weights differ "
+                f"from those it was made with (fingerprint {str(have.get('teacher_fingerprint'))[:12]}..., now "
+                f"{teacher_fingerprint[:12]}...). Point cache.dir at a new folder, or delete this one to rebuild it."
+            )
 
-    def check(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        """Return the manifest if it matches ``fingerprint``; raise :class:`CacheError` otherwise."""
+    def check(self, key: dict[str, Any]) -> dict[str, Any]:
+        """Return the manifest if its key matches ``key``; raise :class:`CacheError` otherwise."""
         have = self.manifest()
         if have is None:
             raise CacheError(f"no embedding cache at {self.uri}: fill it with `raydistill embed <config>` first")
-        if have["fingerprint"].get("hash") != fingerprint.get("hash"):
+        if have["key"].get("hash") != key.get("hash"):
             raise CacheError(
                 f"the embedding cache at {self.uri} is stale and will not be used: "
-                f"{describe_mismatch(have['fingerprint'], fingerprint)}. "
-                "Point cache.dir at a new folder, or delete this one to rebuild it."
+                f"{describe_mismatch(have['key'], key)}. Point cache.dir at a new folder, or delete this one to "
+                "rebuild it."
             )
         return have
+
+    def dim(self) -> int:
+        """The teacher's embedding dimension, as recorded when the cache was created."""
+        return int((self.manifest() or {})["dim"])
 
     def complete_splits(self) -> dict[str, Any]:
         """Splits finalised as complete, with their image and caption counts."""
         return (self.manifest() or {}).get("complete_splits", {})
 
-    # ----------------------------------------------------------------------------------- parts
-    def part_files(self) -> list[str]:
-        """Completed part files, sorted (temporary files of killed writers are ignored)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self._parts_dir, allow_not_found=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-
-    def write_part(self, rows: dict[str, Any], dim: int) -> str | None:
-        """Write image-level rows with their embeddings as one new part file (atomically)."""
-        if len(rows["image_id"]) == 0:
-            return None
-        table = _row_table(rows, dim)
-        path = f"{self._parts_dir}/part-{uuid.uuid4().hex}.parquet"
-        tmp = f"{path}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f)
-        self.fs.move(tmp, path)
-        return path
-
-    def read_ids(self, files: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """image ids per part file (only the id column is read)."""
-        out = {}
-        for path in files if files is not None else self.part_files():
-            with self.fs.open_input_file(path) as f:
-                out[path] = pq.read_table(f, columns=["image_id"]).column(0).to_pylist()
-        return out
-
-    def done_ids(self, split: str | None = None) -> set[str]:
-        """Image ids already embedded (of one split, or all)."""
-        done: set[str] = set()
-        for path in self.part_files():
-            with self.fs.open_input_file(path) as f:
-                t = pq.read_table(f, columns=["image_id", "split"])
-            ids = t.column("image_id").to_pylist()
-            if split is None:
-                done.update(ids)
-            else:
-                done.update(i for i, s in zip(ids, t.column("split").to_pylist()) if s == split)
-        return done
-
-    def read_split(self, split: str) -> pa.Table:
-        """Every cached row of one split, read in this process (for small splits: no Ray tasks).
-
-        Finalised splits hold each image once; rows of the split are returned in part-file order.
-        """
-        tables = []
-        for path in self.part_files():
-            with self.fs.open_input_file(path) as f:
-                t = pq.read_table(f)
-            tables.append(t.filter(pc.equal(t.column("split"), split)))
-        if not tables:
-            return _row_table({"image_id": [], "split": [], "captions": [], "caption_ids": [], "t_img": [],
-                               "t_txt": []}, 1)
-        return pa.concat_tables(tables, promote_options="default")
-
-    def load_embeddings(self, image_ids: set[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """image_id -> (t_img [d], t_txt [n_captions, d]) for the given ids (all when None)."""
-        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for path in self.part_files():
-            with self.fs.open_input_file(path) as f:
-                t = pq.read_table(f, columns=["image_id", "t_img", "t_txt"])
-            ids = t.column("image_id").to_pylist()
-            t_img = t.column("t_img").combine_chunks()
-            dim = t_img.type.list_size
-            img = t_img.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-            txt = t.column("t_txt").to_pylist()
-            for k, image_id in enumerate(ids):
-                if image_id in out or (image_ids is not None and image_id not in image_ids):
-                    continue
-                out[image_id] = (img[k], np.asarray(txt[k], np.float32).reshape(-1, dim))
-        return out
-
-    def finalize(self, split: str, expected_ids: set[str], expected_captions: int | None = None) -> dict[str, int]:
-        """Remove duplicate rows, verify the split is complete, and mark it complete in the manifest.
-
-        Returns:
-            ``{"images": n, "captions": m, "duplicates_removed": k}`` for the split.
-
-        Raises:
-            CacheError: images of the split are missing from the cache.
-        """
-        seen: set[str] = set()
-        removed = 0
-        for path, ids in self.read_ids().items():
-            dup = [i for i, x in enumerate(ids) if x in seen]
-            seen.update(ids)
-            if not dup:
-                continue
-            with self.fs.open_input_file(path) as f:
-                table = pq.read_table(f)
-            keep = np.setdiff1d(np.arange(len(ids)), np.asarray(dup))
-            removed += len(dup)
-            if len(keep) == 0:
-                self.fs.delete_file(path)
-                continue
-            tmp = f"{path}.tmp"
-            with self.fs.open_output_stream(tmp) as f:
-                pq.write_table(table.take(pa.array(keep)), f)
-            self.fs.move(tmp, path)
-        present = self.done_ids(split)
-        missing = expected_ids - present
-        if missing:
-            raise CacheError(
-                f"embedding cache {self.uri}: split {split!r} misses {len(missing)} of {len(expected_ids)} images "
-                f"(e.g. {sorted(missing)[:3]}); run `raydistill embed` again to fill it"
-            )
-        n_captions = 0
-        for path in self.part_files():
-            with self.fs.open_input_file(path) as f:
-                t = pq.read_table(f, columns=["image_id", "split", "caption_ids"])
-            for image_id, s, caps in zip(*(t.column(c).to_pylist() for c in ("image_id", "split", "caption_ids"))):
-                if s == split and image_id in expected_ids:
-                    n_captions += len(caps)
-        if expected_captions is not None and n_captions != expected_captions:
-            raise CacheError(
-                f"embedding cache {self.uri}: split {split!r} holds {n_captions} captions, expected {expected_captions}"
-            )
-        manifest = self.manifest() or {}
-        manifest.setdefault("complete_splits", {})[split] = {"images": len(expected_ids), "captions": n_captions}
-        self._write_manifest(manifest)
-        return {"images": len(expected_ids), "captions": n_captions, "duplicates_removed": removed}
-
-    def require_complete(self, fingerprint: dict[str, Any], splits: Iterable[str]) -> dict[str, Any]:
+    def require_complete(self, key: dict[str, Any], splits: list[str]) -> dict[str, Any]:
         """For cache mode: the cache must match and hold every split completely.
 
         Raises:
             CacheError: saying which split is missing and the command that fills it.
         """
-        manifest = self.check(fingerprint)
-        missing = [s for s in splits if s not in manifest.get("complete_splits", {})]
+        manifest = self.check(key)
+        missing = [s for s in dict.fromkeys(splits) if s not in manifest.get("complete_splits", {})]
         if missing:
             raise CacheError(
                 f"cache.mode=cache needs a complete cache, but {self.uri} has not completed split(s) {missing}; "
@@ -326,23 +200,140 @@ class EmbeddingCache:
             )
         return manifest
 
-    def part_paths_for_reading(self) -> list[str]:
-        """Part files as paths Ray Data's readers accept (URIs kept as given)."""
+    # ----------------------------------------------------------------------------------- parts
+    def part_files(self, split: str) -> list[str]:
+        """Completed part files of one split, sorted (temporary files of killed writers are ignored)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._split_dir(split), allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def _uris(self, paths: list[str]) -> list[str]:
+        """Paths as Ray Data's readers accept them (the object store's scheme kept)."""
         if "://" in self.uri and not self.uri.startswith("file://"):
             scheme = self.uri.split("://", 1)[0]
-            return [f"{scheme}://{p}" for p in self.part_files()]
-        return self.part_files()
+            return [f"{scheme}://{p}" for p in paths]
+        return paths
 
+    def has_rows(self, split: str) -> bool:
+        """Whether any image of ``split`` is cached (a listing, no read)."""
+        return bool(self.part_files(split))
 
-def rows_from_cache_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Reshape a Ray Data batch read from cache parts back into image rows with [n, d] embeddings."""
-    n = len(batch["image_id"])
-    t_img = np.stack([np.asarray(x, np.float32) for x in batch["t_img"]]) if n else np.zeros((0, 1), np.float32)
-    dim = t_img.shape[-1]
-    t_txt = np.empty(n, dtype=object)
-    for i in range(n):
-        t_txt[i] = np.asarray(batch["t_txt"][i], np.float32).reshape(-1, dim)
-    out = dict(batch)
-    out["t_img"] = t_img
-    out["t_txt"] = t_txt
-    return out
+    def write_part(self, rows: dict[str, Any], dim: int) -> list[str]:
+        """Write image-level rows with their embeddings, one part per split, atomically."""
+        written = []
+        splits = np.asarray([str(s) for s in rows["split"]], dtype=object)
+        for split in dict.fromkeys(splits):
+            idx = np.flatnonzero(splits == split)
+            part = {k: [v[i] for i in idx] if v is not None else None for k, v in rows.items()}
+            if not len(idx):
+                continue
+            table = _part_table(part, dim)
+            name = hashlib.sha256("\n".join(sorted(table.column("image_id").to_pylist())).encode()).hexdigest()[:32]
+            self.fs.create_dir(self._split_dir(split), recursive=True)
+            path = f"{self._split_dir(split)}/part-{name}.parquet"
+            tmp = f"{path}.tmp-{time.time_ns()}"
+            with self.fs.open_output_stream(tmp) as f:
+                pq.write_table(table, f)
+            self.fs.move(tmp, path)
+            written.append(path)
+        return written
+
+    def split_dataset(self, split: str, columns: list[str] | None = None) -> Any:
+        """One split's cached rows as a Ray dataset read in tasks (``t_txt`` flattened: n_captions x d)."""
+        import ray.data
+
+        files = self._uris(self.part_files(split))
+        if not files:
+            raise CacheError(f"embedding cache {self.uri} holds no rows of split {split!r}")
+        ds = ray.data.read_parquet(files)
+        return ds.select_columns(columns) if columns is not None else ds
+
+    def ids_dataset(self, split: str) -> Any | None:
+        """The cached image ids of ``split`` as a Ray dataset (for an anti-join), or None when there are none."""
+        import ray.data
+
+        files = self._uris(self.part_files(split))
+        return ray.data.read_parquet(files).select_columns(["image_id"]) if files else None
+
+    def count(self, split: str) -> dict[str, int]:
+        """Rows, captions and the id hash (:func:`id_hash`) of one split's parts, in one Ray pass."""
+        import ray.data
+
+        totals = {"rows": 0, "captions": 0, "id_hash": 0}
+        files = self._uris(self.part_files(split))
+        if not files:
+            return totals
+        ds = ray.data.read_parquet(files).select_columns(["image_id", "caption_ids"])
+        for row in ds.map_batches(_count_part_batch, batch_format="pyarrow", batch_size=None).iter_rows():
+            totals["rows"] += int(row["rows"])
+            totals["captions"] += int(row["captions"])
+            totals["id_hash"] = (totals["id_hash"] + int(row["id_hash"])) % 2**64
+        return totals
+
+    def finalize(self, split: str, expected_images: int, expected_id_hash: int,
+                 delivered: dict[str, int] | None = None) -> dict[str, int]:
+        """Check that the split holds exactly the expected images once each, and mark it complete.
+
+        ``expected_id_hash`` is :func:`id_hash` over the image ids the split must hold (the source's, less the
+        bad images the decoder skipped). Rows an interrupted pass wrote twice (the same image in two parts)
+        are removed first. ``delivered``: the ``images``, ``captions`` and ``id_hash`` that one pass into an
+        empty split wrote; when they match, the parts are not read back.
+
+        Returns:
+            ``{"images": n, "captions": m, "duplicates_removed": k}``.
+
+        Raises:
+            CacheError: images are missing (or foreign), with what to run.
+        """
+        matches = delivered is not None and delivered["images"] == expected_images and \
+            delivered["id_hash"] % 2**64 == expected_id_hash % 2**64
+        counts = {"rows": delivered["images"], "captions": delivered["captions"], "id_hash": delivered["id_hash"] % 2**64} \
+            if matches else self.count(split)
+        removed = 0
+        if counts["rows"] > expected_images:
+            removed = self._remove_duplicates(split)
+            counts = self.count(split)
+        if counts["rows"] != expected_images or counts["id_hash"] != expected_id_hash % 2**64:
+            raise CacheError(
+                f"embedding cache {self.uri}: split {split!r} holds {counts['rows']} images but the data has "
+                f"{expected_images} (or other ones); run `raydistill embed <config>` again to complete it"
+            )
+        manifest = self.manifest() or {}
+        manifest.setdefault("complete_splits", {})[split] = {"images": counts["rows"], "captions": counts["captions"]}
+        self._write_manifest(manifest)
+        return {"images": counts["rows"], "captions": counts["captions"], "duplicates_removed": removed}
+
+    def _remove_duplicates(self, split: str) -> int:
+        """Rewrite the parts that hold an image another part already holds (rare: an interrupted pass)."""
+        import ray.data
+        from ray.data.expressions import col
+
+        files = self._uris(self.part_files(split))
+        rows = ray.data.read_parquet(files, include_paths=True).select_columns(["image_id", "path"])
+        duplicated = rows.groupby("image_id", num_partitions=16).count().filter(expr=col("count()") > 1)
+        dup_ids = sorted(row["image_id"] for row in duplicated.iter_rows())  # few: an interrupted pass
+        holders = {row["path"] for row in rows.filter(expr=col("image_id").is_in(dup_ids)).iter_rows()}
+        by_name = {p.rsplit("/", 1)[-1]: p for p in self.part_files(split)}
+        seen: set[str] = set()
+        removed = 0
+        for name in sorted(h.rsplit("/", 1)[-1] for h in holders):
+            path = by_name[name]
+            with self.fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+            ids_here = table.column("image_id").to_pylist()
+            keep = []
+            for k, image_id in enumerate(ids_here):
+                if image_id in seen:
+                    removed += 1
+                    continue
+                seen.add(image_id)
+                keep.append(k)
+            if len(keep) == len(ids_here):
+                continue
+            if not keep:
+                self.fs.delete_file(path)
+                continue
+            tmp = f"{path}.tmp-{time.time_ns()}"
+            with self.fs.open_output_stream(tmp) as f:
+                pq.write_table(table.take(pa.array(keep)), f)
+            self.fs.move(tmp, path)
+        return removed

@@ -1,14 +1,17 @@
-"""Retrieval evaluation: embed a split's images once and its captions once, then recall both ways.
+"""Retrieval evaluation: stream a split's images and captions through the student once, then recall both ways.
 
-The split arrives as :class:`EvalSet` (decoded images, tokenised captions, the caption -> image index and,
-when a teacher was involved, the teacher's embeddings of the same images and captions, so the teacher's own
-recall is reported as the ceiling from the same data).
+The split arrives as batches of decoded image rows (``pixels`` at the student's size, ``captions``, and when a
+teacher was involved its embeddings ``t_img`` / ``t_txt``), from a Ray dataset
+(:func:`raydistill.pipeline.plans.eval_dataset`) or from rows in memory (:func:`batches_from_rows`). Only the
+embeddings are kept (``[images + captions, d]`` floats: what recall needs), never the pixels, so a split's
+size costs memory in proportion to its embeddings. The teacher's recall on the same rows is the ceiling.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,105 +21,100 @@ from raydistill.method.metrics import retrieval_metrics_from_embeddings
 
 
 @dataclass
-class EvalSet:
-    """One evaluation split, ready for the student (and the teacher's embeddings, if any)."""
+class SplitEmbeddings:
+    """What one pass over a split leaves: embeddings, the caption -> image index, and the forward time."""
 
-    images: np.ndarray  # uint8 [N, S, S, 3]
-    input_ids: np.ndarray  # int64 [M, L]
-    attention_mask: np.ndarray  # int64 [M, L]
-    caption_image: np.ndarray  # int64 [M]: index into images
-    image_ids: list[str] = field(default_factory=list)
-    caption_ids: list[str] = field(default_factory=list)
-    t_img: np.ndarray | None = None  # float32 [N, d]
-    t_txt: np.ndarray | None = None  # float32 [M, d]
+    image_emb: torch.Tensor | None  # [N, d] student
+    text_emb: torch.Tensor | None  # [M, d] student
+    caption_image: torch.Tensor  # int64 [M]: index into the images
+    t_img: torch.Tensor | None  # [N, d] teacher
+    t_txt: torch.Tensor | None  # [M, d] teacher
+    image_seconds: float = 0.0
+    text_seconds: float = 0.0
 
     @property
     def n_images(self) -> int:
-        return len(self.images)
+        return int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
 
     @property
     def n_captions(self) -> int:
         return len(self.caption_image)
 
 
-def build_eval_set(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> EvalSet:
-    """Assemble decoded image rows (``image``, ``captions``, ``caption_ids``, optional ``t_img``/``t_txt``).
-
-    Rows are sorted by image id so the result does not depend on the order Ray delivered them in.
-    """
-    from raydistill.models.tokenizers import encode_texts
-
-    if not rows:
-        raise ValueError("the evaluation split has no decodable images")
-    rows = sorted(rows, key=lambda r: str(r["image_id"]))
-    captions: list[str] = []
-    caption_ids: list[str] = []
-    caption_image: list[int] = []
-    t_txt: list[np.ndarray] = []
-    with_teacher = "t_img" in rows[0]
-    for i, row in enumerate(rows):
-        caps = [str(c) for c in row["captions"]]
-        captions.extend(caps)
-        caption_ids.extend(str(c) for c in row["caption_ids"])
-        caption_image.extend([i] * len(caps))
-        if with_teacher:
-            t_txt.append(np.asarray(row["t_txt"], np.float32).reshape(len(caps), -1))
-    input_ids, attention_mask = encode_texts(tokenizer, captions, max_len)
-    return EvalSet(
-        images=np.stack([np.asarray(r["image"], np.uint8) for r in rows]),
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        caption_image=np.asarray(caption_image, np.int64),
-        image_ids=[str(r["image_id"]) for r in rows],
-        caption_ids=caption_ids,
-        t_img=np.stack([np.asarray(r["t_img"], np.float32) for r in rows]) if with_teacher else None,
-        t_txt=np.concatenate(t_txt) if with_teacher else None,
-    )
+def batches_from_rows(rows: list[dict[str, Any]], batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """Decoded image rows held in memory, as the batches :func:`embed_split` reads (for small splits)."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        yield {key: [row[key] for row in chunk] for key in chunk[0]}
 
 
 @torch.inference_mode()
-def embed_eval_set(model: Any, data: EvalSet, device: torch.device, batch_size: int = 256) -> dict[str, Any]:
-    """Student embeddings of every image and caption, with the embedding throughput measured."""
-    model.eval()
-    start = time.perf_counter()
-    img = []
-    for i in range(0, data.n_images, batch_size):
-        pixels = model.preprocess_images(data.images[i : i + batch_size]).to(device)
+def embed_split(batches: Iterable[dict[str, Any]], model: Any | None, tokenizer: Any, max_len: int,
+                device: torch.device) -> SplitEmbeddings:
+    """One pass over a split's batches: the student's embeddings (when ``model`` is given) and the teacher's.
+
+    Raises:
+        ValueError: the split had no decodable images.
+    """
+    from raydistill.models.tokenizers import encode_texts
+
+    if model is not None:
+        was_training = model.training
+        model.eval()
+    img, txt, t_img, t_txt, caption_image = [], [], [], [], []
+    image_seconds = text_seconds = 0.0
+    n_images = 0
+    for batch in batches:
+        captions = [[str(c) for c in list(caps)] for caps in batch["captions"]]
+        for k, caps in enumerate(captions):
+            caption_image.extend([n_images + k] * len(caps))
+        n_images += len(captions)
+        if "t_img" in batch:
+            t_img.append(torch.as_tensor(np.stack([np.asarray(x, np.float32) for x in batch["t_img"]])))
+            t_txt.extend(torch.from_numpy(np.array(x, np.float32).reshape(len(c), -1))
+                         for x, c in zip(batch["t_txt"], captions))
+        if model is None:
+            continue
+        start = time.perf_counter()
+        pixels = model.preprocess_images(np.stack([np.asarray(p, np.uint8) for p in batch["pixels"]])).to(device)
         img.append(model.encode_image(pixels).float().cpu())
-    img_s = time.perf_counter() - start
-    start = time.perf_counter()
-    txt = []
-    for i in range(0, data.n_captions, batch_size):
-        ids = torch.from_numpy(data.input_ids[i : i + batch_size]).to(device)
-        mask = torch.from_numpy(data.attention_mask[i : i + batch_size]).to(device)
-        txt.append(model.encode_text(ids, mask).float().cpu())
-    txt_s = time.perf_counter() - start
-    return {
-        "image_emb": torch.cat(img),
-        "text_emb": torch.cat(txt),
-        "images_per_s": data.n_images / max(img_s, 1e-9),
-        "captions_per_s": data.n_captions / max(txt_s, 1e-9),
-    }
-
-
-def evaluate_student(model: Any, data: EvalSet, device: torch.device, eval_cfg: dict[str, Any]) -> dict[str, float]:
-    """Recall@1/5/10 both ways, RSUM, mean recall, and embedding throughput of a student on a split."""
-    was_training = model.training
-    emb = embed_eval_set(model, data, device, eval_cfg.get("batch_size", 256))
-    if was_training:
+        image_seconds += time.perf_counter() - start
+        ids, mask = encode_texts(tokenizer, [c for caps in captions for c in caps], max_len)
+        start = time.perf_counter()
+        txt.append(model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float().cpu())
+        text_seconds += time.perf_counter() - start
+    if model is not None and was_training:
         model.train()
-    metrics = retrieval_metrics_from_embeddings(
-        emb["image_emb"], emb["text_emb"], torch.from_numpy(data.caption_image), chunk_size=eval_cfg.get("chunk_size", 1024)
+    if n_images == 0:
+        raise ValueError("the evaluation split has no decodable images")
+    return SplitEmbeddings(
+        image_emb=torch.cat(img) if img else None,
+        text_emb=torch.cat(txt) if txt else None,
+        caption_image=torch.as_tensor(caption_image, dtype=torch.int64),
+        t_img=torch.cat(t_img) if t_img else None,
+        t_txt=torch.cat(t_txt) if t_txt else None,
+        image_seconds=image_seconds,
+        text_seconds=text_seconds,
     )
-    metrics["images_per_s"] = emb["images_per_s"]
-    metrics["captions_per_s"] = emb["captions_per_s"]
+
+
+def student_metrics(emb: SplitEmbeddings, chunk_size: int = 1024) -> dict[str, float]:
+    """Recall@1/5/10 both ways, RSUM, mean recall, and embedding throughput of the student."""
+    if emb.image_emb is None or emb.text_emb is None:
+        raise ValueError("this pass embedded no student")
+    metrics = retrieval_metrics_from_embeddings(emb.image_emb, emb.text_emb, emb.caption_image, chunk_size=chunk_size)
+    metrics["images_per_s"] = emb.n_images / max(emb.image_seconds, 1e-9)
+    metrics["captions_per_s"] = emb.n_captions / max(emb.text_seconds, 1e-9)
     return metrics
 
 
-def evaluate_teacher(data: EvalSet, chunk_size: int = 1024) -> dict[str, float]:
-    """The teacher's recall on the split from its cached embeddings (the ceiling a student approaches)."""
-    if data.t_img is None or data.t_txt is None:
-        raise ValueError("this evaluation set carries no teacher embeddings")
-    return retrieval_metrics_from_embeddings(
-        torch.from_numpy(data.t_img), torch.from_numpy(data.t_txt), torch.from_numpy(data.caption_image), chunk_size=chunk_size
-    )
+def teacher_metrics(emb: SplitEmbeddings, chunk_size: int = 1024) -> dict[str, float]:
+    """The teacher's recall on the split from its embeddings (the ceiling a student approaches)."""
+    if emb.t_img is None or emb.t_txt is None:
+        raise ValueError("this split carries no teacher embeddings")
+    return retrieval_metrics_from_embeddings(emb.t_img, emb.t_txt, emb.caption_image, chunk_size=chunk_size)
+
+
+def dataset_batches(ds: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+    """A Ray dataset's rows as numpy batches for :func:`embed_split`."""
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")

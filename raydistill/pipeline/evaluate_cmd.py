@@ -7,52 +7,62 @@ from typing import Any
 import torch
 
 from raydistill.config import Config
-from raydistill.pipeline import datasets as dsets
 from raydistill.pipeline.counters import Counters
-from raydistill.pipeline.evaluate import build_eval_set, evaluate_student, evaluate_teacher
-from raydistill.pipeline.runner import TeacherSide, embed_split, init_ray, log
+from raydistill.pipeline.evaluate import dataset_batches, embed_split, student_metrics, teacher_metrics
+from raydistill.pipeline.plans import DataPlan, decoded, embed_splits
+from raydistill.pipeline.progress import log
+from raydistill.pipeline.ray_env import init_ray
 
 
 def evaluate_command(cfg: Config, student: str | None = None, teacher: bool = False,
                      split: str | None = None) -> dict[str, Any]:
-    """Evaluate on ``split`` (default ``data.test_split``); returns ``{"split", "metrics": {name: recall}}``."""
+    """Evaluate on ``split`` (default ``data.test_split``); returns ``{"split", "metrics": {name: recall}}``.
+
+    With ``teacher`` the split goes through the embedding cache (embedded first if the cache lacks it), and the
+    student, if given, is evaluated on the same rows.
+    """
+    from raydistill.data.source import check_source, count_splits, source_dataset, source_identity
+
     if not student and not teacher:
         raise ValueError("raydistill eval needs --student DIR and/or --teacher")
     split = split or cfg.data.test_split
-    init_ray(cfg)
-    all_records = dsets.read_records(cfg)
-    if split not in all_records:
-        raise ValueError(f"split {split!r} not in the data; splits present: {sorted(all_records)}")
-    records = all_records[split]
-    counters = Counters().start()
-    out: dict[str, Any] = {"split": split, "metrics": {}}
-    teacher_rows = None
-    if teacher:
-        side = TeacherSide(cfg, all_records)
-        side.cache.open(side.fingerprint, side.dim)
-        if split in side.cache.complete_splits():
-            teacher_rows = dsets.decoded(dsets.from_cache(side.cache, split), cfg, counters).take_all()
-        else:
-            teacher_rows = embed_split(cfg, side, split, records, counters, collect=True)
-        out["cache_dir"] = side.cache.uri
+    check_source(cfg)
+    model = tokenizer = None
     if student:
         from raydistill.models.student import load_dual_encoder
 
-        model, tokenizer, extra = load_dual_encoder(student)
-        rows = teacher_rows or dsets.decoded(dsets.records_dataset(records), cfg, counters).take_all()
-        data = build_eval_set(rows, tokenizer, model.config.max_len)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log(f"evaluating the student from {student} on {data.n_images} images / {data.n_captions} captions")
-        out["metrics"]["student"] = evaluate_student(model.to(device), data, device, cfg.eval.model_dump())
-        out["student_params"] = int(model.num_parameters())
-    if teacher_rows is not None:
-        from raydistill.models.tokenizers import build_wordpiece_tokenizer
+        model, tokenizer, _ = load_dual_encoder(student)
+    init_ray(cfg)
+    counters = Counters().start()
+    out: dict[str, Any] = {"split": split, "metrics": {}}
+    if teacher:
+        from raydistill.pipeline.teacher_side import open_teacher_side
 
-        # Teacher recall needs only the cached embeddings; the tokenizer here just fills the student columns.
-        tok = build_wordpiece_tokenizer([c for r in teacher_rows for c in r["captions"]], vocab_size=200)
-        data = build_eval_set(teacher_rows, tok, 8)
-        out["metrics"]["teacher"] = evaluate_teacher(data, cfg.eval.chunk_size)
+        stream = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"mode": "stream"})})
+        side = open_teacher_side(stream, source_identity(cfg))
+        if split not in side.cache.complete_splits():
+            plan = DataPlan(cfg=cfg, teacher=side, tokenizer=None, max_len=0, student_size=0, counters=counters,
+                            train_from="stream", expected=count_splits(cfg, [split]))
+            embed_splits(plan, [split])
+        rows = side.cache.split_dataset(split)
+        out["cache_dir"] = side.cache.uri
+    else:
+        rows = source_dataset(cfg, [split])
+    if model is not None:
+        size = int(model.config.resize_size or model.config.image_size)
+        rows = decoded(rows, cfg, {"pixels": size}, counters, count_bad=not teacher)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model is not None:
+        log(f"evaluating the student from {student} on split {split!r}")
+        model = model.to(device)
+    emb = embed_split(dataset_batches(rows, cfg.eval.batch_size), model, tokenizer,
+                      model.config.max_len if model is not None else 0, device)
+    if model is not None:
+        out["metrics"]["student"] = student_metrics(emb, cfg.eval.chunk_size)
+        out["student_params"] = int(model.num_parameters())
+    if teacher:
+        out["metrics"]["teacher"] = teacher_metrics(emb, cfg.eval.chunk_size)
     totals = counters.get()
-    out["images"] = len(records) - int(totals.get("bad_images", 0))
+    out["images"] = emb.n_images
     out["teacher_images_embedded"] = int(totals.get("teacher_images_embedded", 0))
     return out

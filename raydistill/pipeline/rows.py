@@ -37,38 +37,69 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
+def _source_of(batch: dict[str, np.ndarray], i: int) -> tuple[bytes | str | None, str]:
+    """(bytes or path, name for messages) of row ``i``; missing values arrive as None or NaN."""
+    datas, paths = batch.get("data"), batch.get("path")
+    data = datas[i] if datas is not None else None
+    data = bytes(data) if isinstance(data, (bytes, bytearray, np.bytes_)) and len(data) else None
+    path = paths[i] if paths is not None else None
+    path = str(path) if isinstance(path, str) and path else None
+    return (data if data is not None else path), str(path or batch["image_id"][i])
+
+
+def _fetch(sources: list[bytes | str | None]) -> list[bytes | str | None]:
+    """Object-store images fetched concurrently (a decode task would otherwise wait on each request in
+    turn); local paths and inline bytes are returned as they are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raydistill.data.images import open_uri
+
+    remote = [k for k, s in enumerate(sources) if isinstance(s, str) and "://" in s and not s.startswith("file://")]
+    if len(remote) < 2:
+        return sources
+
+    def read(uri: str) -> bytes | str:
+        try:
+            with open_uri(uri, "rb") as f:
+                return f.read()
+        except Exception:  # noqa: BLE001 - decode_image reads it again and names the failure
+            return uri
+
+    fetched = list(sources)
+    with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
+        for k, data in zip(remote, pool.map(read, [sources[k] for k in remote])):
+            fetched[k] = data
+    return fetched
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
-    size: int,
+    sizes: dict[str, int],
     on_bad_image: str,
     max_bad_fraction: float,
     max_pixels: int,
     counters: Any = None,
+    count_bad: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Decode a batch of image-level rows into ``image`` uint8 [n, size, size, 3].
+    """Decode a batch of image-level rows once, into one uint8 [n, size, size, 3] column per entry of ``sizes``.
 
-    Bad images (missing, empty, corrupt, not an image, over ``max_pixels``) are dropped and counted when
-    ``on_bad_image == "skip"``; with ``"fail"`` the first one stops the run with the file named. All other
-    columns (the image bytes too, which the embedding cache stores for sources without paths) pass through
-    for the rows kept.
+    ``sizes`` maps an output column to its side: ``{"image": teacher size, "pixels": student size}`` in a
+    teacher pass, ``{"pixels": student size}`` when only the student needs the image. Bad images (missing,
+    empty, corrupt, not an image, over ``max_pixels``) are dropped and, with ``count_bad``, counted once and
+    named in the counters; with ``on_bad_image == "fail"`` the first one stops the run with the file named.
+    All other columns (the image bytes too, which the embedding cache stores for sources without paths) pass
+    through for the rows kept.
 
     Raises:
         BadImageError: policy ``fail``, or more than ``max_bad_fraction`` of the images seen so far were bad.
     """
     n = len(batch["image_id"])
     keep: list[int] = []
-    images: list[np.ndarray] = []
-    bad: dict[str, int] = {}
-    paths = batch.get("path")
-    datas = batch.get("data")
-    for i in range(n):
-        # Missing values arrive as None or NaN depending on how Ray typed the column.
-        data = datas[i] if datas is not None else None
-        data = bytes(data) if isinstance(data, (bytes, bytearray, np.bytes_)) and len(data) else None
-        path = paths[i] if paths is not None else None
-        path = str(path) if isinstance(path, str) and path else None
-        source = data if data is not None else path
-        name = str(path or batch["image_id"][i])
+    images: dict[str, list[np.ndarray]] = {column: [] for column in sizes}
+    bad: list[tuple[str, str, str, str]] = []
+    named = [_source_of(batch, i) for i in range(n)]
+    sources = _fetch([source for source, _ in named])
+    for i, (source, (_, name)) in enumerate(zip(sources, named)):
         try:
             if source is None:
                 raise BadImageError(name, "missing", "the record has neither a path nor bytes")
@@ -78,30 +109,25 @@ def decode_batch(
                 raise BadImageError(
                     err.name, err.reason, f"{err.detail} (data.on_bad_image=fail; set it to skip to drop bad images)"
                 ) from None
-            bad[err.reason] = bad.get(err.reason, 0) + 1
+            split = str(batch["split"][i]) if "split" in batch else ""
+            bad.append((str(batch["image_id"][i]), split, err.name, err.reason))
             continue
         keep.append(i)
-        images.append(resize_center_crop(img, size))
-    if counters is not None:
-        n_captions = sum(len(_as_list(batch["captions"][i])) for i in keep)
-        totals = counters.add_many(
-            {"images_decoded": len(keep), "captions_decoded": n_captions, "bad_images": sum(bad.values()),
-             **{f"bad_images/{k}": v for k, v in bad.items()}}
-        )
+        for column, size in sizes.items():
+            images[column].append(resize_center_crop(img, size))
+    if counters is not None and count_bad:
+        totals = counters.add_many({"images_decoded": len(keep)}, bad=bad)
         _check_bad_fraction(totals, max_bad_fraction)
     out = {k: v[keep] for k, v in batch.items()}
     for key in ("captions", "caption_ids"):
         # Plain lists of str convert to Arrow list<string>; numpy string arrays inside objects do not.
         out[key] = _object_array([[str(c) for c in _as_list(x)] for x in out[key]])
-    out["image"] = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    for column, size in sizes.items():
+        out[column] = np.stack(images[column]) if images[column] else np.zeros((0, size, size, 3), np.uint8)
     return out
 
 
-def _check_bad_fraction(totals: Any, max_bad_fraction: float) -> None:
-    import ray
-
-    if isinstance(totals, ray.ObjectRef):
-        totals = ray.get(totals)
+def _check_bad_fraction(totals: dict[str, float], max_bad_fraction: float) -> None:
     bad, good = totals.get("bad_images", 0), totals.get("images_decoded", 0)
     seen = bad + good
     if seen >= 20 and bad > max_bad_fraction * seen:
@@ -121,9 +147,11 @@ def explode_batch(
 ) -> dict[str, np.ndarray]:
     """Turn decoded image rows into caption-level training rows.
 
-    Output columns: ``pixels`` uint8 [m, S, S, 3], ``input_ids`` / ``attention_mask`` int64 [m, max_len],
+    Input: decoded image rows with ``pixels`` at the student's size (see :func:`decode_batch`). Output
+    columns: ``pixels`` uint8 [m, S, S, 3], ``input_ids`` / ``attention_mask`` int64 [m, max_len],
     ``image_key`` and ``sample_key`` int64 (stable ids of image and caption), and with the teacher
-    ``t_img`` / ``t_txt`` float32 [m, d]. The image is stored once per caption row here; it was decoded once.
+    ``t_img`` / ``t_txt`` float32 [m, d]. The student-size image is repeated per caption row; it was
+    decoded once.
     """
     from raydistill.models.tokenizers import encode_texts
 
@@ -145,14 +173,16 @@ def explode_batch(
     idx = np.asarray(rows_img, dtype=np.int64)
     input_ids, attention_mask = encode_texts(tokenizer, captions, max_len)
     out = {
-        "pixels": batch["image"][idx] if len(idx) else batch["image"][:0],
+        "pixels": batch["pixels"][idx] if len(idx) else batch["pixels"][:0],
         "input_ids": input_ids.astype(np.int64),
         "attention_mask": attention_mask.astype(np.int64),
         "image_key": np.asarray([stable_id(str(batch["image_id"][i])) for i in rows_img], dtype=np.int64),
         "sample_key": np.asarray(sample_keys, dtype=np.int64),
     }
     if with_teacher:
-        d = np.asarray(batch["t_img"]).shape[-1]
-        out["t_img"] = np.asarray(batch["t_img"], dtype=np.float32)[idx].reshape(len(idx), d)
+        t_img = np.stack([np.asarray(x, np.float32) for x in batch["t_img"]]) if len(batch["t_img"]) else \
+            np.zeros((0, 1), np.float32)
+        d = t_img.shape[-1]
+        out["t_img"] = t_img[idx].reshape(len(idx), d)
         out["t_txt"] = np.stack(t_txt).astype(np.float32) if t_txt else np.zeros((0, d), np.float32)
     return out

@@ -1,10 +1,11 @@
 """The teacher stage: a Ray Data actor pool that embeds each image once and each caption once per pass.
 
 :class:`TeacherEmbedder` is the callable class given to ``map_batches(compute=ActorPoolStrategy(...))``.
-It loads the teacher in the actor (from storage, never captured in a closure), and consults the embedding
-cache first: images already embedded are cache hits and skip the model entirely (the model is loaded only
-at the first miss), so epoch 2 onwards of a write-through stream, and every later run, never run the teacher
-again. New embeddings are written to the cache as one part file per batch.
+It loads the teacher in the actor (from storage, never captured in a closure), embeds the batch's images
+(the ``image`` column, decoded at the teacher's size) and their captions, and writes them to the embedding
+cache as one part per batch. Which images reach it is decided before: only those the cache lacks (an
+anti-join on ``image_id``, :mod:`raydistill.pipeline.plans`), so the actor holds nothing of the cache.
+The teacher-size pixels and the image bytes stop here; the rows go on with their embeddings.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _maybe_inject_fault(parts_written: int) -> None:
 
     Right after an actor has written (and counted) its n-th cache part of a pass, it dies abruptly, once
     (the marker file records it). The batch's result is lost, so Ray Data restarts the actor and retries
-    the batch; the new actor reads the cache first, so the retry is a cache hit and nothing is embedded twice.
+    the batch; the retry writes the same part again (a part is named by its image ids), so the cache holds
+    each image once.
     """
     spec = os.environ.get("RAYDISTILL_KILL_TEACHER_AT")
     if not spec:
@@ -45,42 +47,40 @@ def _maybe_inject_fault(parts_written: int) -> None:
 
 
 class TeacherEmbedder:
-    """Embed decoded image rows (``image`` uint8 [n, S, S, 3], ``captions``) with the frozen teacher.
+    """Embed decoded image rows (``image`` uint8 [n, S, S, 3], ``captions``) with the frozen teacher, and
+    write them to the cache.
 
     Args:
-        teacher_spec: the dict given to :func:`raydistill.models.teachers.load_teacher`.
+        teacher_spec: the :class:`~raydistill.models.teachers.TeacherSpec` (or its mapping) to load.
         dim: the teacher's embedding dimension.
         cache_uri: the embedding cache (None: no cache).
         write_through: write new embeddings to the cache.
-        counters: the run's counters (images/captions embedded, cache hits/misses).
+        counters: the run's counters (the teacher's seconds; images are counted where the rows arrive).
         num_threads: torch CPU threads of this actor (its reserved CPUs; Ray starts actors with one thread).
-        fault_injection: honour ``RAYDISTILL_KILL_TEACHER_AT`` (actors only: never in the driver).
     """
 
     def __init__(
         self,
-        teacher_spec: dict[str, Any],
+        teacher_spec: Any,
         dim: int,
         cache_uri: str | None = None,
         write_through: bool = True,
         counters: Counters | None = None,
         num_threads: int | None = None,
-        fault_injection: bool = True,
     ) -> None:
         if num_threads:
             import torch
 
             torch.set_num_threads(num_threads)
-        self.spec = dict(teacher_spec)
+        self.spec = teacher_spec
         self.dim = dim
         self.cache = EmbeddingCache(cache_uri) if cache_uri else None
         self.write_through = write_through and self.cache is not None
         self.counters = counters
         self.teacher = None
         self.throughput = None
-        self.known = self.cache.load_embeddings() if self.cache is not None else {}
         self.parts_written = 0
-        self.fault_injection = fault_injection
+        self._model()  # in the actor's start, from storage: a bad checkpoint fails before any batch
 
     def _model(self):
         if self.teacher is None:
@@ -88,7 +88,7 @@ class TeacherEmbedder:
 
             self.teacher = load_teacher(self.spec)
             if self.teacher.dim != self.dim:
-                raise ValueError(f"teacher {self.spec.get('checkpoint')} gives dimension {self.teacher.dim}, expected {self.dim}")
+                raise ValueError(f"teacher {self.teacher.kind} gives dimension {self.teacher.dim}, expected {self.dim}")
         return self.teacher
 
     def _record_throughput(self, images: int, captions: int, seconds: float) -> None:
@@ -105,53 +105,30 @@ class TeacherEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         call_start = time.perf_counter()
         n = len(batch["image_id"])
-        t_img = np.zeros((n, self.dim), np.float32)
+        model = self._model()
+        t_img = np.asarray(model.embed_images(batch["image"]), np.float32).reshape(n, self.dim)
+        captions = [str(c) for i in range(n) for c in batch["captions"][i]]
+        flat = model.embed_texts(captions) if captions else np.zeros((0, self.dim), np.float32)
         t_txt = np.empty(n, dtype=object)
-        miss = []
-        for i, image_id in enumerate(batch["image_id"]):
-            hit = self.known.get(str(image_id))
-            if hit is not None and len(hit[1]) == len(batch["captions"][i]):
-                t_img[i], t_txt[i] = hit
-            else:
-                miss.append(i)
-        n_captions = 0
-        seconds = 0.0
-        if miss:
-            start = time.perf_counter()
-            model = self._model()
-            idx = np.asarray(miss)
-            t_img[idx] = model.embed_images(batch["image"][idx])
-            captions = [str(c) for i in miss for c in batch["captions"][i]]
-            n_captions = len(captions)
-            flat = model.embed_texts(captions) if captions else np.zeros((0, self.dim), np.float32)
-            offset = 0
-            for i in miss:
-                k = len(batch["captions"][i])
-                t_txt[i] = np.asarray(flat[offset : offset + k], np.float32)
-                offset += k
-            seconds = time.perf_counter() - start
-            if self.write_through:
-                rows = {key: [batch[key][i] for i in miss] for key in ("image_id", "split", "captions", "caption_ids")}
-                rows["path"] = [_text_or_none(batch["path"][i]) for i in miss] if "path" in batch else [None] * len(miss)
-                rows["data"] = [_bytes_or_none(batch["data"][i]) for i in miss] if "data" in batch else None
-                rows["t_img"] = t_img[idx]
-                rows["t_txt"] = [t_txt[i] for i in miss]
-                self.cache.write_part(rows, self.dim)
-                self.parts_written += 1
+        offset = 0
+        for i in range(n):
+            k = len(batch["captions"][i])
+            t_txt[i] = np.asarray(flat[offset : offset + k], np.float32)
+            offset += k
+        seconds = time.perf_counter() - call_start
+        if self.write_through and n:
+            rows = {key: list(batch[key]) for key in ("image_id", "split", "captions", "caption_ids")}
+            rows["path"] = [_text_or_none(x) for x in batch["path"]] if "path" in batch else [None] * n
+            rows["data"] = [_bytes_or_none(x) for x in batch["data"]] if "data" in batch else None
+            rows["t_img"] = t_img
+            rows["t_txt"] = list(t_txt)
+            self.cache.write_part(rows, self.dim)
+            self.parts_written += 1
         if self.counters is not None:
-            self.counters.add_many(
-                {
-                    "teacher_images_embedded": len(miss),
-                    "teacher_captions_embedded": n_captions,
-                    "teacher_seconds": seconds,
-                    "cache_hits": n - len(miss),
-                    "cache_misses": len(miss),
-                }
-            )
-        self._record_throughput(len(miss), n_captions, time.perf_counter() - call_start)
-        if self.fault_injection:
-            _maybe_inject_fault(self.parts_written)
-        out = {k: v for k, v in batch.items() if k != "data"}
+            self.counters.add_many({"teacher_seconds": seconds})
+        self._record_throughput(n, len(captions), time.perf_counter() - call_start)
+        _maybe_inject_fault(self.parts_written)
+        out = {k: v for k, v in batch.items() if k not in ("data", "image")}
         out["t_img"] = t_img
         out["t_txt"] = t_txt
         return out

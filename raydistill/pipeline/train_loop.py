@@ -14,6 +14,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,64 +48,139 @@ def _maybe_inject_fault(step: int, kill_spec: str | None = None) -> None:
         time.sleep(3600)
 
 
-def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """The function each Ray Train worker runs (``TorchTrainer(train_loop, train_loop_config=...)``).
+def _step_checkpoint(candidates: list[Path]) -> tuple[int, Path] | None:
+    """The candidate folder whose training state has the highest step (None when none loads)."""
+    best = None
+    for folder in candidates:
+        try:
+            step = int(torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["step"])
+        except Exception:  # noqa: BLE001 - a copy cut short: not a candidate
+            continue
+        if best is None or step > best[0]:
+            best = (step, folder)
+    return best
 
-    ``config`` holds ``cfg`` (the resolved config dict), ``embed_dim``, ``vocab_size``, ``planned_steps``,
-    ``mlflow`` (tracking URI, experiment, run id or None), and optionally ``val`` (a Ray object ref of the
-    validation arrays) for periodic validation RSUM.
+
+def epoch_batches(ds: Any, rank: int, world: int, seed: int, epoch: int, batch_size: int,
+                  window: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of training batches for this rank, in an order that depends only on the data, seed and epoch.
+
+    Caption rows are mixed within windows of ``window`` rows by a permutation seeded by (seed, epoch, rank,
+    window number). Ray Data's own local shuffle buffer depends on where its blocks happen to end, which
+    differs between a run and its resumption; a window of rows does not. The last incomplete batch is dropped.
+    With several workers, rank 0 splits the epoch's dataset (``streaming_split``) and hands each rank its part.
+    """
+    import ray.train.collective
+
+    if world > 1:
+        splits = ds.streaming_split(world, equal=True) if rank == 0 else None
+        source = ray.train.collective.broadcast_from_rank_zero(splits)[rank]
+    else:
+        source = ds
+    window = max(batch_size, -(-window // batch_size) * batch_size) if window else batch_size
+    carry: dict[str, np.ndarray] | None = None
+    for k, rows in enumerate(source.iter_batches(batch_size=window, batch_format="numpy")):
+        if window > batch_size:
+            order = np.random.default_rng([seed, epoch, rank, k]).permutation(len(rows["pixels"]))
+            rows = {key: value[order] for key, value in rows.items()}
+        if carry is not None:
+            rows = {key: np.concatenate([carry[key], rows[key]]) for key in rows}
+        n = len(rows["pixels"])
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield {key: torch.from_numpy(np.ascontiguousarray(value[start:start + batch_size]))
+                   for key, value in rows.items()}
+        rest = n % batch_size
+        carry = {key: value[n - rest:] for key, value in rows.items()} if rest else None
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """The function each Ray Train worker runs: :func:`train_worker`, with the user's mistakes returned rather
+    than raised.
+
+    Ray Train restarts the worker group after any error (``train.max_failures``), which helps when a worker or
+    a node was lost and only costs time when the data itself is wrong (too many bad images, a bad manifest row,
+    a full disk): such an error comes back as ``{"user_error": message}`` and ends the run at once.
+    """
+    import errno
+
+    from raydistill.errors import find_os_error, find_user_error
+
+    try:
+        return train_worker(config)
+    except Exception as err:  # noqa: BLE001 - sorted below
+        user = find_user_error(err)
+        if user is not None:
+            return {"user_error": str(user)}
+        full = find_os_error(err, (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
+        if full is not None:
+            return {"disk_error": {"errno": full.errno, "strerror": full.strerror, "filename": full.filename}}
+        raise
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Train worker's training (``TorchTrainer(train_loop, train_loop_config=...)``).
+
+    ``config`` holds ``plan`` (the run's :class:`~raydistill.pipeline.plans.DataPlan`: typed config, teacher,
+    cache, tokenizer), ``embed_dim``, ``planned_steps``, ``mlflow`` (tracking URI, experiment, run id or None)
+    and ``checkpoint_root`` (the run's checkpoint folder, when local). Each epoch's dataset is built here when
+    the epoch starts: the teacher stream (epoch 0), the cache (later epochs) or the source (no teacher).
     """
     import ray.train
     import ray.train.torch
 
-    from raydistill.pipeline.evaluate import evaluate_student
+    from raydistill.pipeline.evaluate import dataset_batches, embed_split, student_metrics
     from raydistill.pipeline.live_metrics import LiveMetrics
+    from raydistill.pipeline.plans import configure_data_context, eval_dataset, finalize_split, train_epoch_dataset
 
-    cfg = config["cfg"]
-    train = cfg["train"]
+    plan = config["plan"]
+    typed = plan.cfg
+    configure_data_context(typed)
+    cfg = typed.model_dump(mode="json")
+    train = typed.train
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved.
-    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
-    seed = train["seed"]
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    random.seed(train.seed + rank)
+    np.random.seed(train.seed + rank)
 
-    trainer = Trainer(
-        cfg, config["embed_dim"], config["vocab_size"], config["planned_steps"], device,
-        wrap_model=ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None,
-    )
+    trainer = Trainer(cfg, config["embed_dim"], len(plan.tokenizer), config["planned_steps"], device,
+                      wrap_model=ray.train.torch.prepare_model if world > 1 else None)
+    # The newest complete checkpoint: Ray Train's own, or a newer one on disk that its controller never
+    # registered (a worker or driver killed right after writing it).
+    candidates = []
     checkpoint = ray.train.get_checkpoint()
-    resumed_from = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            trainer.restore(Path(d))
-        resumed_from = trainer.step
+            candidates.append(Path(d))
+            if config.get("checkpoint_root"):
+                found = latest_checkpoint(Path(config["checkpoint_root"]))
+                candidates += [found] if found is not None else []
+            best = _step_checkpoint(candidates)
+            trainer.restore(best[1])
     elif config.get("checkpoint_root") and latest_checkpoint(Path(config["checkpoint_root"])) is not None:
-        # A worker that died right after reporting can leave a persisted checkpoint that the controller never
-        # registered; recover from the newest complete one rather than starting over.
         trainer.restore(latest_checkpoint(Path(config["checkpoint_root"])))
-        resumed_from = trainer.step
-        if rank == 0:
-            log(f"resumed from step {trainer.step} (epoch {trainer.epoch})")
+    resumed_from = trainer.step if trainer.step else None
+    if rank == 0 and resumed_from:
+        log(f"resumed from step {trainer.step} (epoch {trainer.epoch}, {trainer.step - trainer.epoch_start_step} "
+            "batches into it)")
 
     tracker = None
     if rank == 0 and config.get("mlflow"):
         from raydistill.tracking import Tracker
 
         m = config["mlflow"]
-        tracker = Tracker(m["uri"], m["experiment"], run_id=m["run_id"], local_dir=Path(m["local_dir"]),
-                          flush_every=20)
-    live = LiveMetrics(run=cfg["name"]) if rank == 0 else None
-
-    val = ray.get(config["val"]) if config.get("val") is not None and rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+        tracker = Tracker(m["uri"], m["experiment"], run_id=m["run_id"], local_dir=Path(m["local_dir"]))
+    live = LiveMetrics(run=typed.name) if rank == 0 else None
+    val_split = typed.data.val_split if train.eval_every and rank == 0 else None
     planned = trainer.planned_steps
-    batch_size = train["batch_size"]
-    log_every, ckpt_every, eval_every = train["log_every"], train["checkpoint_every"], train.get("eval_every")
+    batch_size = train.batch_size
     window_start, window_samples, window_steps = time.perf_counter(), 0, 0
     last_val: float | None = None
+    # Per-step metrics wait here until the next checkpoint is reported: a run resumed from that checkpoint
+    # trains the later steps again, and MLflow must hold each step once.
+    unsent: list[tuple[dict[str, float], int]] = []
 
     def report(with_checkpoint: bool, metrics: dict[str, float]) -> None:
         metrics = dict(metrics, step=trainer.step, epoch=trainer.epoch)
@@ -115,21 +191,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     trainer.save(Path(d))
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt)
+            if tracker is not None:
+                for values, step in unsent:
+                    tracker.log_metrics(values, step=step)
+                unsent.clear()
+                tracker.flush()
         else:
             ray.train.report(metrics)
 
     while trainer.step < planned:
-        batches = shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=train["shuffle_buffer"] or None,
-            local_shuffle_seed=seed + 1000 * trainer.epoch + rank if train["shuffle_buffer"] else None,
-            device="cpu",
-        )
+        epoch = trainer.epoch
+        ds = train_epoch_dataset(plan, epoch) if rank == 0 or world == 1 else None
+        batches = epoch_batches(ds, rank, world, train.seed, epoch, batch_size, train.shuffle_buffer)
         seen_any = False
-        # A resumed worker re-reads its epoch from the beginning: pass over the batches trained on before the
-        # checkpoint. With train.shuffle_buffer=0 the order is fixed, so these are exactly those batches and
-        # the run continues as if never interrupted; with shuffling the epoch at least keeps its length.
+        # A resumed worker reads its epoch again from the start, in the same order: pass over the batches
+        # trained on before the checkpoint, and the run goes on as if never interrupted.
         to_skip = trainer.step - trainer.epoch_start_step
         for batch in batches:
             seen_any = True
@@ -139,36 +215,37 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             out = trainer.train_step(batch)
             _maybe_inject_fault(trainer.step, config.get("kill_worker_at"))
             window_samples += batch_size
-            out["step"] = trainer.step
             window_steps += 1
-            if tracker is not None:
-                # Every step's losses and weights; the tracker batches the writes (flush_every).
-                tracker.log_metrics({k: v for k, v in out.items() if k != "step"}, step=trainer.step)
+            unsent.append(({k: v for k, v in out.items()}, trainer.step))
             metrics: dict[str, float] = {}
-            if trainer.step % log_every == 0 or trainer.step == planned:
+            if trainer.step % train.log_every == 0 or trainer.step == planned:
                 elapsed = time.perf_counter() - window_start
-                metrics = dict(out)
-                metrics["samples_per_s"] = window_samples * ctx.get_world_size() / max(elapsed, 1e-9)
+                metrics = dict(out, step=trainer.step)
+                metrics["samples_per_s"] = window_samples * world / max(elapsed, 1e-9)
                 metrics["step_time_s"] = elapsed / max(1, window_steps)
                 window_start, window_samples, window_steps = time.perf_counter(), 0, 0
                 trainer.history.append(
-                    {k: v for k, v in out.items() if k.startswith(("weight/", "loss/")) or k == "step"}
-                )
-            if eval_every and val is not None and trainer.step % eval_every == 0:
-                last_val = evaluate_student(trainer.raw_model, val, device, cfg["eval"])["rsum"]
+                    {k: v for k, v in out.items() if k.startswith(("weight/", "loss/"))} | {"step": trainer.step})
+            checkpoint_now = trainer.step % train.checkpoint_every == 0 or trainer.step == planned
+            # Every checkpoint carries its own validation RSUM: Ray Train keeps the best ones by it.
+            if val_split and (trainer.step % train.eval_every == 0 or checkpoint_now):
+                emb = embed_split(dataset_batches(eval_dataset(plan, val_split), typed.eval.batch_size),
+                                  trainer.raw_model, plan.tokenizer, plan.max_len, device)
+                last_val = student_metrics(emb, typed.eval.chunk_size)["rsum"]
                 trainer.history.append({"step": trainer.step, "val_rsum": last_val})
                 metrics["val_rsum"] = last_val
+            if rank == 0:
+                progress = {"train/step": trainer.step, "train/epoch": trainer.epoch, "train/loss": out["loss/total"]}
+                if "samples_per_s" in metrics:
+                    progress["train/samples_per_s"] = metrics["samples_per_s"]
+                plan.counters.set_soon(progress)
             if rank == 0 and metrics:
-                if tracker is not None:
-                    extra = {k: v for k, v in metrics.items() if k in ("samples_per_s", "step_time_s", "val_rsum")}
-                    tracker.log_metrics(extra, step=trainer.step)
+                unsent.append(({k: v for k, v in metrics.items() if k in ("samples_per_s", "step_time_s", "val_rsum")},
+                               trainer.step))
                 live.record(metrics)
                 log(f"step {trainer.step}/{planned} loss {out['loss/total']:.4g} "
                     f"lr {out['lr']:.2e} {metrics.get('samples_per_s', 0):.0f} samples/s")
-            if trainer.step % ckpt_every == 0 or trainer.step == planned:
-                if tracker is not None:
-                    # Everything up to a checkpoint is in MLflow before it: a restart re-logs only later steps.
-                    tracker.flush()
+            if checkpoint_now:
                 report(True, metrics or {"loss/total": out["loss/total"]})
             elif metrics:
                 report(False, metrics)
@@ -180,6 +257,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "lower train.batch_size or use more data"
             )
         if trainer.step < planned:
+            if rank == 0 and epoch == 0 and plan.train_from == "stream" and typed.cache.write_through:
+                # The first pass wrote every training image to the cache: check it, then later epochs read it.
+                finalize_split(plan, typed.data.train_split, first_pass=True)
             trainer.epoch += 1
             trainer.epoch_start_step = trainer.step
     if tracker is not None:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydistill.errors import UserError
+
 TEACHER_KINDS: tuple[str, ...] = ("beit3", "hf_clip", "open_clip", "raydistill")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -49,7 +51,7 @@ _OPTIONAL: dict[str, tuple[str, ...]] = {
 _COMMON: tuple[str, ...] = ("kind", "dtype", "device", "batch_size")
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(UserError, ValueError):
     """A teacher's spec, weights file or tokenizer cannot be used; the message names which and why."""
 
 

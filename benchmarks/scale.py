@@ -1,0 +1,252 @@
+"""Scale: the data path from ten thousand to a million images, with flat driver memory and a bounded object store.
+
+For each size N this writes a JSONL manifest of N images (tiny JPEGs: each row names one of a few hundred small
+files under its own image id, two captions each; the test split is a fixed 1,000 images at every size), then
+runs, as a user would, against one local Ray instance started for the benchmark (``ray start --head``):
+
+- ``raydistill embed CONFIG --json``: fills the embedding cache with a tiny teacher (every image once);
+- ``raydistill run CONFIG cache.mode=cache --json``: a fixed number of training steps from the cache.
+
+Each command is its own process (the driver). Measured per command: the driver's peak RSS (sampled every
+0.2 s), the object store's peak use on the instance (sampled the same way), wall seconds, and for ``embed``
+the seconds per image in steady state (from the times the cache's part files were written: after the first
+part, which carries the actors' start-up) and the teacher's images embedded (must equal N); for ``run`` the
+steady-state samples/s (the run's own per-window throughput, first window dropped).
+
+This measures the data path, not the model: the teacher and the student are tiny, the images 16 px.
+
+    python -m benchmarks.scale                      # 10k, 100k, 1M (about an hour on 2 cores)
+    python -m benchmarks.scale --sizes 10000 100000 --out /tmp/scale   # a shorter check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import log, result, table, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = (10_000, 100_000, 1_000_000)
+TEST_IMAGES = 1_000
+DISTINCT_FILES = 256
+RUN_STEPS = 150
+CPUS = 4
+
+
+def make_images(folder: Path) -> list[str]:
+    """``DISTINCT_FILES`` small JPEGs of different colours and sizes; returns their names."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(DISTINCT_FILES):
+        side = int(rng.integers(20, 40))
+        pixels = rng.integers(0, 255, size=(side, side + 4, 3), dtype=np.uint8)
+        name = f"img{k:03d}.jpg"
+        Image.fromarray(pixels).save(folder / name, quality=85)
+        names.append(name)
+    return names
+
+
+def write_manifest(path: Path, n: int, names: list[str]) -> None:
+    """N image rows (test: the last TEST_IMAGES), streamed to disk."""
+    words = ["red", "green", "blue", "small", "large", "circle", "square", "left", "right", "above"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            split = "test" if i >= n - TEST_IMAGES else "train"
+            a, b = words[i % 10], words[(i // 10) % 10]
+            row = {"image": f"images/{names[i % len(names)]}", "image_id": f"i{i:08d}", "split": split,
+                   "captions": [f"a {a} {b} shape number {i % 997}", f"{b} and {a}"]}
+            f.write(json.dumps(row) + "\n")
+
+
+def make_teacher(folder: Path) -> Path:
+    """A tiny raydistill dual encoder saved as a teacher (16 px images, 16-d embeddings)."""
+    from raydistill.models.student import build_student, save_dual_encoder
+    from raydistill.models.tokenizers import build_wordpiece_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    tok = build_wordpiece_tokenizer(["a red green blue small large circle square left right above shape number and"] * 4,
+                                    vocab_size=80)
+    model = build_student("test", embed_dim=16, vocab_size=len(tok), image_size=16, resize_size=16)
+    save_dual_encoder(model, folder, tokenizer=tok)
+    return folder
+
+
+def write_config(path: Path, manifest: Path, teacher: Path, work: Path, address: str) -> None:
+    path.write_text(f"""# benchmarks/scale.py: one size's config
+name: scale
+output_dir: {work / 'out'}
+data: {{source: manifest, path: {manifest}, decode_size: 16, val_split: null}}
+teacher:
+  kind: raydistill
+  checkpoint: {teacher}
+  pool: {{min_size: 1, max_size: 1, batch_size: 1024, num_cpus: 1}}
+  infer_batch_size: 1024
+cache: {{dir: {work / 'cache'}}}
+student: {{preset: test, vocab_size: 200}}
+distill: {{queue_size: 1024}}
+train: {{steps: {RUN_STEPS}, batch_size: 256, log_every: 10, checkpoint_every: {RUN_STEPS}, shuffle: files}}
+tracking: {{experiment: scale}}
+ray: {{address: "{address}"}}
+""")
+
+
+class Sampler:
+    """Peak RSS of one process and peak object-store use of the instance, sampled on a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.rss = 0
+        self.store = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.rss = max(self.rss, self.process.memory_info().rss)
+            except Exception:  # noqa: BLE001 - the process ended between two samples
+                pass
+            self.store = max(self.store, object_store_used())
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def object_store_used() -> int:
+    """Bytes in the instance's object store now (the raylets' plasma stores)."""
+    from ray._private.internal_api import memory_summary
+
+    try:
+        text = memory_summary(stats_only=True)
+    except Exception:  # noqa: BLE001 - between two commands the instance may be busy; try again next sample
+        return 0
+    match = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(match.group(1)) * 2**20 if match else 0
+
+
+def run_command(args: list[str]) -> tuple[dict[str, Any], float, Sampler]:
+    """Run a ``raydistill`` command as its own process; its JSON result, wall seconds and samples."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", *args, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    sampler = Sampler(proc.pid)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1]), seconds, sampler
+
+
+def steady_seconds_per_image(cache_dir: Path) -> float:
+    """From the parts' write times: images after the first part over the time they took."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in (cache_dir / "parts").rglob("*.parquet"))
+    if len(parts) < 3:
+        return float("nan")
+    images = sum(n for _, n in parts[1:])
+    return (parts[-1][0] - parts[0][0]) / images
+
+
+def steady_samples_per_s(run: dict[str, Any]) -> float:
+    """The run's own throughput windows (every ``log_every`` steps), the first one dropped."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(run["mlflow_tracking_uri"]).get_metric_history(run["run_id"], "samples_per_s")
+    values = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def measure(n: int, work: Path, names: list[str], teacher: Path, address: str) -> list[dict[str, Any]]:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "images").symlink_to(work.parent / "images")
+    manifest = work / "manifest.jsonl"
+    write_manifest(manifest, n, names)
+    config = work / "scale.yaml"
+    write_config(config, manifest, teacher, work, address)
+    log(f"{n:,} images: raydistill embed")
+    embedded, seconds, sampler = run_command(["embed", str(config)])
+    rows = [{"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
+             "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
+             "seconds_per_image": steady_seconds_per_image(work / "cache"),
+             "teacher_images_embedded": embedded["teacher_images_embedded"]}]
+    log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps)")
+    ran, seconds, sampler = run_command(["run", str(config), "cache.mode=cache"])
+    rows.append({"command": "run", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
+                 "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
+                 "samples_per_s": round(steady_samples_per_s(ran), 1)})
+    log(json.dumps(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="raydistill-scale-"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(env)
+    names = make_images(work / "images")
+    teacher = make_teacher(work / "teacher")
+    temp_dir = work / "ray"
+    head = subprocess.run(["ray", "start", "--head", f"--num-cpus={CPUS}", "--include-dashboard=true",
+                           "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                           "--disable-usage-stats"], capture_output=True, text=True, env=env)
+    if head.returncode != 0:
+        raise SystemExit(f"ray start failed: {head.stderr}")
+    address = re.search(r"--address='([^']+)'", head.stdout).group(1)
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    rows = []
+    try:
+        for n in args.sizes:
+            rows.extend(measure(n, work / f"n{n}", names, teacher, address))
+    finally:
+        ray.shutdown()
+        subprocess.run(["ray", "stop", f"--address={address}"], capture_output=True, env=env)
+    by = {(r["command"], r["images"]): r for r in rows}
+    small, large = min(args.sizes), max(args.sizes)
+    ratios = {}
+    if small != large:
+        ratios = {
+            "driver_rss_embed": by[("embed", large)]["driver_peak_rss_mb"] / by[("embed", small)]["driver_peak_rss_mb"],
+            "driver_rss_run": by[("run", large)]["driver_peak_rss_mb"] / by[("run", small)]["driver_peak_rss_mb"],
+            "embed_seconds_per_image": by[("embed", large)]["seconds_per_image"] / by[("embed", small)]["seconds_per_image"],
+            "run_samples_per_s": by[("run", large)]["samples_per_s"] / by[("run", small)]["samples_per_s"],
+        }
+    obj = result("scale", {"sizes": args.sizes, "test_images": TEST_IMAGES, "distinct_files": DISTINCT_FILES,
+                           "run_steps": RUN_STEPS, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16"},
+                 rows=rows, ratios_largest_vs_smallest=ratios)
+    write_result(obj, args.out)
+    print(table(["command", "images", "driver peak RSS MB", "object store peak MB", "seconds", "s/image or samples/s"],
+                [(r["command"], r["images"], r["driver_peak_rss_mb"], r["object_store_peak_mb"], r["seconds"],
+                  r.get("seconds_per_image", r.get("samples_per_s"))) for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

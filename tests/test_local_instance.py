@@ -1,0 +1,59 @@
+"""A local Ray instance's processes never outlive their driver: recorded, and ended by the next command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydistill.pipeline import local_instance
+
+
+def _sleeper(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *args])
+
+
+def test_the_orphans_of_a_dead_driver_are_ended_and_nothing_else(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path / "home"))
+    session = str(tmp_path / "session_2026-01-01_00-00-00_1")
+    agent = _sleeper(f"--session-dir={session}")  # an agent of the dead driver's instance
+    bystander = _sleeper("--session-dir=/elsewhere")  # a process that later got a recorded pid
+    dead_driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_driver.wait()
+    try:
+        records = tmp_path / "home" / "local-instances"
+        records.mkdir(parents=True)
+        (records / "session_2026-01-01_00-00-00_1.json").write_text(json.dumps(
+            {"driver": dead_driver.pid, "session_dir": session, "pids": [agent.pid, bystander.pid]}))
+        assert local_instance.end_orphans(grace_s=5) == [agent.pid]
+        assert agent.wait(timeout=10) is not None
+        assert bystander.poll() is None  # still running: its command line names another session
+        assert not list(records.iterdir())
+        # A record whose driver still runs (this process) is left as it is.
+        (records / "live.json").write_text(json.dumps({"driver": __import__("os").getpid(), "session_dir": session,
+                                                       "pids": [bystander.pid]}))
+        assert local_instance.end_orphans() == [] and (records / "live.json").exists()
+    finally:
+        for proc in (agent, bystander):
+            proc.kill()
+            proc.wait()
+
+
+def test_record_names_the_session_processes_and_forget_removes_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path / "home"))
+    session = str(tmp_path / "session_x")
+    agent = _sleeper(f"--temp-dir={session}")
+    try:
+        path = local_instance.record(session)
+        entry = json.loads(path.read_text())
+        assert agent.pid in entry["pids"] and entry["session_dir"] == session
+        local_instance.forget()
+        assert not path.exists()
+    finally:
+        agent.kill()
+        agent.wait()
