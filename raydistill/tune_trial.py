@@ -3,7 +3,7 @@
 * :func:`distill_trial` is the function trainable (the Train V2 pattern): it builds the trial's config and
   calls :func:`~raydistill.pipeline.runner.run_experiment`, which fits a ``TorchTrainer`` whose
   ``RunConfig`` carries :class:`ValidationReportCallback`; a last ``ray.tune.report`` adds the final
-  test recall, size and throughput.
+  test recall, size and throughput. A trial Tune starts again (a resumed sweep) continues its earlier run.
 * :class:`LoggedASHA` is ASHA that writes down each decision it takes, so a reader can see why a trial
   stopped.
 * :class:`ProgressCallback` prints one line per trial event to stderr.
@@ -13,6 +13,7 @@ This module imports Ray Tune at import time; :mod:`raydistill.tune` imports it o
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import sys
@@ -71,9 +72,15 @@ def distill_trial(config: dict[str, Any], *, base: dict[str, Any], cache_dir: st
 
     Validation RSUM reaches Tune through :class:`ValidationReportCallback` while the ``TorchTrainer`` runs;
     when the run finishes, one last report adds the final test recall, size, throughput and counts.
+
+    Tune starts a trial again when a resumed sweep restores it (it was cut short, or failed); that attempt
+    continues the run an earlier one left (:func:`earlier_attempt`): from its last Train checkpoint, in the
+    same MLflow child run, or, when that run had finished and only its report to Tune was lost, it reports
+    the run's saved result without training again.
     """
     import ray.data
 
+    from raydistill.pipeline.run_folder import RUN_RESULT
     from raydistill.pipeline.runner import run_experiment
 
     trial_id = tune.get_context().get_trial_id()
@@ -84,11 +91,37 @@ def distill_trial(config: dict[str, Any], *, base: dict[str, Any], cache_dir: st
     data_context.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
     tags = {TRIAL_ID_TAG: trial_id, TRIAL_CONFIG_TAG: json.dumps(flatten_values(config), default=str),
             "raydistill.sweep": sweep}
-    summary = run_experiment(cfg, tags=tags, parent_run_id=parent_run_id,
-                             train_callbacks=[ValidationReportCallback()])
+    earlier = earlier_attempt(cfg)
+    if earlier is not None and (earlier / RUN_RESULT).is_file():
+        log(f"trial {trial_id}: its run {earlier.name} had finished; reporting its saved result")
+        summary = json.loads((earlier / RUN_RESULT).read_text(encoding="utf-8"))
+    else:
+        if earlier is not None:
+            log(f"trial {trial_id}: continuing its run {earlier.name} from its last checkpoint")
+        summary = run_experiment(cfg, resume=str(earlier) if earlier else None, tags=tags,
+                                 parent_run_id=parent_run_id, train_callbacks=[ValidationReportCallback()])
+    tune.report(final_report(summary))
+
+
+def earlier_attempt(cfg: Config) -> Path | None:
+    """The run folder an earlier attempt of this trial left under ``<output_dir>/runs``, or None.
+
+    A trial's runs are named ``<trial's name>-<time>`` and a trial's name holds its Tune trial id, unique
+    across sweeps; the newest such folder is the one to continue. A trial driver restarted on another node
+    does not see a folder on the first node's disk (``output_dir`` is node-local) and starts a new run.
+    """
+    from raydistill.pipeline.run_folder import RUN_CONFIG
+
+    runs = Path(cfg.output_dir) / "runs"
+    folders = sorted(path.parent for path in runs.glob(f"{glob.escape(cfg.name)}-*/{RUN_CONFIG}"))
+    return folders[-1] if folders else None
+
+
+def final_report(summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's last report to Tune: final validation and test RSUM, size, throughput, counts."""
     student = summary["metrics"]["student"]
     history = [h for h in summary.get("history", []) if METRIC in h]
-    final = {
+    return {
         METRIC: history[-1][METRIC] if history else math.nan,
         TIME_ATTR: summary["steps"],
         "rsum": student["rsum"],
@@ -100,7 +133,6 @@ def distill_trial(config: dict[str, Any], *, base: dict[str, Any], cache_dir: st
         "finished": 1,
         **{k: summary.get(k) for k in COUNT_KEYS},
     }
-    tune.report(final)
 
 
 class LoggedASHA(AsyncHyperBandScheduler):

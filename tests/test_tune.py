@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,12 +42,18 @@ from raydistill.sweep_results import (
 )
 from raydistill.tracking import Tracker, read_runs
 from raydistill.tune import (
+    Capacity,
+    NodeType,
     SweepError,
     _close_trial_runs,
     asha_settings,
+    capacity_from_autoscaler_config,
+    cluster_capacity,
     compare,
     default_max_concurrent,
+    find_sweep_dir,
     prepare_sweep,
+    resume_sweep,
     sweep_counts,
     trial_bundles,
 )
@@ -134,23 +141,179 @@ def test_logged_asha_takes_asha_decisions_and_writes_them_down(tmp_path):
         (t, s, v, d) for (t, s, v), d in zip(events, expected)]
 
 
-def test_trial_bundles_reserve_the_driver_and_its_own_tasks():
-    assert trial_bundles(load_config(QUICK)) == [{"CPU": 1.0}, {"CPU": 1.0}]
+def test_trial_bundles_hold_the_driver_and_nothing_for_the_teacher():
+    # Trials run in cache mode: the teacher is loaded nowhere, so its pool's resources are not reserved.
     gpu_pool = load_config(QUICK, ["teacher.pool.num_cpus=4", "teacher.pool.num_gpus=1",
-                                   "teacher.pool.resources={teacher_node: 1}"])
-    assert trial_bundles(gpu_pool) == [{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0, "teacher_node": 1.0}]
+                                   "teacher.pool.resources={teacher_gpu: 1, teacher_node: 1}",
+                                   "teacher.pool.label_selector={raydistill/role: teacher}"])
+    bundles = trial_bundles(gpu_pool)
+    assert not any("GPU" in b for b in bundles)
+    assert all(set(b) == {"CPU"} for b in bundles)  # no custom resource either
+    assert bundles == [{"CPU": 1.0}] == trial_bundles(load_config(QUICK))
 
 
-def test_default_max_concurrent_counts_what_one_trial_reserves():
+def _one_node(cpus: float, gpus: float = 0, **custom: float) -> Capacity:
+    return Capacity([NodeType("local", {"CPU": cpus, "GPU": gpus, **custom}, 1)], "a fixed instance")
+
+
+def test_default_max_concurrent_counts_what_one_trial_needs():
     cfg = load_config(QUICK, ["train.eval_every=10"])
-    assert default_max_concurrent(cfg, cpus=8, gpus=0) == 2  # 8 // (1 driver + 1 tasks + 1 worker)
-    assert default_max_concurrent(cfg, cpus=2, gpus=0) == 1  # never below one
+    # One trial: 1 CPU driver + 1 worker x (1 CPU + data.decode_cpus 0.5 for its Ray Data tasks) = 2.5 CPUs.
+    assert default_max_concurrent(cfg, _one_node(8), trials=10) == 3  # 8 // 2.5
+    assert default_max_concurrent(cfg, _one_node(8), trials=2) == 2  # never more than the sweep's trials
+    assert default_max_concurrent(cfg, _one_node(2), trials=4) == 1  # never below one
+    assert default_max_concurrent(load_config(QUICK, ["data.decode_cpus=1"]), _one_node(9), trials=9) == 3  # 9 // 3
     wide = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=2"])
-    assert default_max_concurrent(wide, cpus=16, gpus=0) == 2  # 16 // (2 + 2 x 2)
-    assert default_max_concurrent(wide, cpus=64, gpus=3) == 1  # 3 GPUs // 2 GPU workers
-    assert default_max_concurrent(load_config(QUICK, ["train.use_gpu='no'"]), cpus=9, gpus=1) == 3
-    gpu_pool = load_config(QUICK, ["teacher.pool.num_gpus=1"])
-    assert default_max_concurrent(gpu_pool, cpus=64, gpus=4) == 2  # 4 // (1 probe + 1 worker)
+    assert default_max_concurrent(wide, _one_node(16), trials=9) == 2  # 16 // (1 + 2 x (2 + 0.5))
+    assert default_max_concurrent(wide, _one_node(64, gpus=3), trials=9) == 1  # 3 GPUs // 2 GPU workers
+    assert default_max_concurrent(load_config(QUICK, ["train.use_gpu='no'"]), _one_node(10, gpus=1), trials=9) == 4
+    # The teacher pool's GPU no longer counts: 4 GPUs hold 4 one-GPU trials.
+    gpu_pool = load_config(QUICK, ["teacher.pool.num_gpus=1", "teacher.pool.resources={teacher_gpu: 1}"])
+    assert default_max_concurrent(gpu_pool, _one_node(64, gpus=4, teacher_gpu=1), trials=9) == 4
+    # Custom resources of the workers count: 3 student_gpu units hold one 2-worker trial.
+    custom = load_config(QUICK, ["train.num_workers=2", "train.resources_per_worker={student_gpu: 1}"])
+    assert default_max_concurrent(custom, _one_node(64, gpus=8, student_gpu=3), trials=9) == 1
+
+
+def test_default_max_concurrent_places_each_worker_on_one_node():
+    cfg = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=3"])
+    # Four 4-CPU nodes: 16 CPUs would cover two trials of 1 + 2 x 3.5 = 8 CPUs, but each node holds one 3-CPU
+    # worker: 4 worker slots, 2 trials; three 5-CPU nodes hold 3 workers: 1 trial (15 CPUs would fit one too).
+    assert default_max_concurrent(cfg, Capacity([NodeType("n", {"CPU": 4}, 4)], "t"), trials=9) == 2
+    assert default_max_concurrent(cfg, Capacity([NodeType("n", {"CPU": 5}, 3)], "t"), trials=9) == 1
+    # Unlimited node types: as many trials as the sweep has, unless a cap on summed resources says less.
+    unlimited = Capacity([NodeType("n", {"CPU": 8}, None)], "t")
+    assert default_max_concurrent(cfg, unlimited, trials=7) == 7
+    capped = Capacity([NodeType("n", {"CPU": 8}, None)], "t", max_resources={"CPU": 40})
+    assert default_max_concurrent(cfg, capped, trials=7) == 5  # 40 // 8
+
+
+def test_max_concurrent_on_the_aws_cluster_counts_the_student_nodes_it_can_start():
+    import yaml
+
+    capacity = capacity_from_autoscaler_config(yaml.safe_load((REPO / "clusters" / "aws.yaml").read_text()), "aws")
+    assert {(t.name, t.count) for t in capacity.node_types} == {("head", 1), ("teacher", 2), ("student", 2)}
+    student = next(t for t in capacity.node_types if t.name == "student")
+    assert student.resources == {"CPU": 48, "GPU": 4, "student_gpu": 4}
+    # Four 8-CPU GPU workers (student_gpu: 1 each) per trial; each 4-GPU student node holds 4 of them.
+    cfg = load_config(REPO / "configs" / "cluster-flickr30k-beit3-base.yaml", ["cache.mode=cache"])
+    assert default_max_concurrent(cfg, capacity, trials=8) == 2  # 2 student nodes x 4 slots // 4 workers
+    # When the sweep starts the student nodes (min_workers 0) are not up: the nodes up now hold none of them.
+    up_now = Capacity([t if t.name != "student" else NodeType("student", t.resources, 0)
+                       for t in capacity.node_types], "up now")
+    assert default_max_concurrent(cfg, up_now, trials=8) == 1
+    # The cluster-wide max_workers bounds each type at its min_workers plus the nodes left to start.
+    tight = yaml.safe_load((REPO / "clusters" / "aws.yaml").read_text())
+    tight["max_workers"] = 3
+    counts = {t.name: t.count for t in capacity_from_autoscaler_config(tight, "aws").node_types}
+    assert counts == {"head": 1, "teacher": 2, "student": 1}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray instance in this process (2 logical CPUs), for the placement and capacity checks."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_data_tasks_escape_the_trials_placement_group(local_ray):
+    """What trial_bundles relies on: Tune schedules a trial's driver in the trial's group with
+    capture_child_tasks=True, yet the Ray Data tasks the driver (or a Train worker) starts carry Data's own
+    scheduling strategy and run outside the group, on the instance's free CPUs; only a task without a strategy
+    is put in the group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def group_of_task() -> str:
+        return ray.get_runtime_context().get_placement_group_id() or ""
+
+    @ray.remote(num_cpus=1)
+    def trial_driver() -> tuple[list[str], str]:
+        import numpy as np
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_no_progress_timeout_s = 60  # a starved pipeline fails here instead of hanging
+        rows = ray.data.range(8, override_num_blocks=2).map_batches(
+            lambda b: {"group": np.array([group_of_task()] * len(b["id"]))}, num_cpus=1)
+        data_groups = sorted({str(r["group"]) for r in rows.take_all()})
+        return data_groups, ray.get(ray.remote(num_cpus=0.5)(group_of_task).remote())
+
+    group = placement_group(trial_bundles(load_config(QUICK)))
+    ray.get(group.ready(), timeout=60)
+    try:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        data_groups, plain_group = ray.get(trial_driver.options(scheduling_strategy=strategy).remote(), timeout=120)
+    finally:
+        remove_placement_group(group)
+    assert data_groups == [""]  # every Data task ran outside any placement group
+    assert plain_group == group.id.hex()
+
+
+def test_cluster_capacity_prefers_what_the_cluster_can_scale_to(local_ray, tmp_path, monkeypatch):
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # where ~/ray_bootstrap_config.yaml is looked for
+    up_now = cluster_capacity(connected=False)
+    assert up_now.source == "the nodes up now" and [t.resources["CPU"] for t in up_now.node_types] == [2]
+    assert cluster_capacity(connected=True).source == "the nodes up now"  # nothing reported, no file
+
+    # On the head of a `ray up` cluster: the autoscaler's config file (this process runs on the head).
+    shutil.copy(REPO / "clusters" / "aws.yaml", tmp_path / "ray_bootstrap_config.yaml")
+    from_file = cluster_capacity(connected=True)
+    assert from_file.source == f"the autoscaler's config {tmp_path / 'ray_bootstrap_config.yaml'}"
+    assert {(t.name, t.count) for t in from_file.node_types} == {("head", 1), ("teacher", 2), ("student", 2)}
+    assert cluster_capacity(connected=False).source == "the nodes up now"  # a local instance: not its file
+
+    # An autoscaler that reports its cluster config to the GCS (what Ray Train and Ray Data read) wins.
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, max_count in (("head", {"CPU": 0}, 1), ("student", {"CPU": 48, "GPU": 4}, 3),
+                                       ("spot", {"CPU": 16}, -1)):
+        group = config.node_group_configs.add(name=name, max_count=max_count)
+        group.resources.update(resources)
+    config.max_resources["CPU"] = 200
+    GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
+    reported = cluster_capacity(connected=True)
+    assert reported.source == "the cluster config the autoscaler reported"
+    assert [(t.name, t.count, t.resources) for t in reported.node_types] == [
+        ("head", 1, {"CPU": 0}), ("student", 3, {"CPU": 48, "GPU": 4}), ("spot", None, {"CPU": 16})]
+    assert reported.max_resources == {"CPU": 200}
+
+
+def test_find_sweep_dir_takes_a_folder_or_a_name(tmp_path):
+    folder = tmp_path / "out" / "sweeps" / "quick-sweep-20250101-000000"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text("{}")
+    assert find_sweep_dir(str(folder), "elsewhere") == folder.resolve()
+    assert find_sweep_dir(folder.name, str(tmp_path / "out")) == folder.resolve()
+    with pytest.raises(SweepError, match="no sweep folder holding sweep.json"):
+        find_sweep_dir("quick-sweep-nope", str(tmp_path / "out"))
+    for flag, kwargs in (("--samples", {"samples": 2}), ("--scheduler", {"scheduler": "fifo"}),
+                         ("--max-concurrent", {"max_concurrent": 1})):
+        with pytest.raises(SweepError, match=f"{flag}: a resumed sweep keeps the settings it started with"):
+            resume_sweep(str(QUICK), [], str(DEMO_SPACE), str(folder), **kwargs)
+
+
+def test_a_restarted_trial_continues_the_run_its_earlier_attempt_left(tmp_path):
+    from raydistill.tune_trial import earlier_attempt
+
+    cfg = load_config(QUICK, [f"output_dir={tmp_path}", "name=quick-ab12c_00001"])
+    assert earlier_attempt(cfg) is None
+    runs = tmp_path / "runs"
+    for name, has_config in (("quick-ab12c_00001-20250101-000000", True), ("quick-ab12c_00001-20250101-000100", True),
+                             ("quick-ab12c_00001-20250101-000200", False),  # a folder without a run in it
+                             ("quick-ab12c_00002-20250101-000300", True), ("quick-ab12c_000010-20250101-000400", True)):
+        (runs / name).mkdir(parents=True)
+        if has_config:
+            (runs / name / "config.yaml").write_text("name: x\n")
+    assert earlier_attempt(cfg) == runs / "quick-ab12c_00001-20250101-000100"
 
 
 def test_prepare_sweep_applies_fixed_then_overrides_and_refuses_searched_keys():
@@ -326,6 +489,23 @@ def test_stopped_trials_runs_are_killed_with_the_curve_tune_received(store, tmp_
     assert [(m.step, m.value) for m in client.get_metric_history(done.run_id, "val_rsum")] == [(2, 30.0)]
 
 
+def test_a_run_a_restarted_trial_could_not_continue_ends_killed_as_superseded(store, tmp_path):
+    uri, experiment = store
+    parent = _sweep_run(store, "sweep", tmp_path)
+    lost = _child(store, parent.run_id, "t1", {"student.preset": "test"}, tmp_path / "first")  # cut short
+    final = _child(store, parent.run_id, "t1", {"student.preset": "test"}, tmp_path / "second")
+    final.log_metrics({"val_rsum": 30.0}, step=2)
+    final.finish()
+    rows = [{"trial_id": "t1", "status": "finished", "history": [(2, 30.0)], "run_id": final.run_id}]
+    _close_trial_runs(rows, uri, experiment, parent.run_id, tmp_path)
+
+    client = MlflowClient(tracking_uri=uri)
+    assert rows[0]["run_id"] == final.run_id
+    superseded = client.get_run(lost.run_id)
+    assert superseded.info.status == "KILLED" and superseded.data.tags["raydistill.trial_status"] == "superseded"
+    assert client.get_run(final.run_id).info.status == "FINISHED"
+
+
 def test_compare_reads_the_latest_sweep_from_mlflow(store, tmp_path, capsys):
     from raydistill.cli import main
 
@@ -373,11 +553,12 @@ def _make_teacher(path: Path) -> None:
     save_dual_encoder(build_student("test", embed_dim=32, vocab_size=len(tokenizer)), path, tokenizer=tokenizer)
 
 
-def _overrides(root: Path) -> list[str]:
-    return [f"teacher.kind=raydistill", f"teacher.checkpoint={root / 'teacher'}", "data.synth.n_images=200",
-            f"train.steps={STEPS}", "train.batch_size=32", f"train.eval_every={EVAL_EVERY}", "train.log_every=2",
-            f"train.checkpoint_every={STEPS}", "distill.queue_size=64", "student.vocab_size=200",
-            f"output_dir={root / 'out'}", "ray.num_cpus=8", "tracking.experiment=sweep-test"]
+def _overrides(root: Path, steps: int = STEPS, eval_every: int = EVAL_EVERY,
+               experiment: str = "sweep-test") -> list[str]:
+    return ["teacher.kind=raydistill", f"teacher.checkpoint={root / 'teacher'}", "data.synth.n_images=200",
+            f"train.steps={steps}", "train.batch_size=32", f"train.eval_every={eval_every}", "train.log_every=2",
+            f"train.checkpoint_every={steps}", "distill.queue_size=64", "student.vocab_size=200",
+            f"output_dir={root / 'out'}", "ray.num_cpus=8", f"tracking.experiment={experiment}"]
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -525,3 +706,82 @@ def test_best_config_validates_and_runs(sweep):
     assert run["steps"] == STEPS and 0 <= run["metrics"]["student"]["rsum"] <= 600
     # The sweep's cache is complete: the best config's run finds every image there.
     assert run["teacher_images_embedded"] == 0
+
+
+# --------------------------------------------------------------------------------------------- an interrupted sweep
+
+# Two trials of the `test` student, one at a time, run to the end (fifo), validated once at their last step: the
+# fewest trials and the least work per trial that still leave one trial finished and one to resume.
+RESUME_SPACE = "description: two learning rates\nspace:\n  train.lr: {grid: [1.0e-3, 2.0e-3]}\n"
+
+
+def _wait_for_line(log_path: Path, pattern: str, proc: subprocess.Popen) -> re.Match:
+    """The first match of ``pattern`` in the growing log of ``proc``; fails if the process ends first."""
+    import time
+
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log_path.read_text(), re.MULTILINE)
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep exited ({proc.returncode}) before {pattern!r}:\n{log_path.read_text()[-6000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no {pattern!r} after {HANG} s")
+
+
+def test_an_interrupted_sweep_resumes_into_its_parent_run_without_rerunning_finished_trials(sweep):
+    """Ctrl-C (SIGINT to the sweep's pid) once a trial has ended, then ``--resume``: every trial ends with a
+    result, the trial that had finished keeps its one run (not trained again), the parent run is the same and
+    ends FINISHED. Shares the module sweep's folder, so its data, teacher and filled cache are reused."""
+    import signal
+
+    root = sweep["root"]
+    (root / "resume-space.yaml").write_text(RESUME_SPACE)
+    command = [sys.executable, "-m", "raydistill.cli", "tune", str(QUICK),
+               *_overrides(root, steps=4, eval_every=4, experiment="resume-test"), "student.preset=test",
+               "train.shuffle=files", "--space", "resume-space.yaml"]  # files: no shuffle exchange per epoch
+    log_path = root / "interrupted.log"
+    with open(log_path, "w") as stderr:
+        proc = subprocess.Popen([*command, "--scheduler", "fifo", "--max-concurrent", "1"], cwd=root, env=_env(root),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            ended = _wait_for_line(log_path, r"trial (\S+) ended$", proc).group(1)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=HANG) == 130, log_path.read_text()[-6000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    name = re.search(r"--resume (\S+)$", log_path.read_text(), re.MULTILINE).group(1)
+    record = json.loads((root / "out" / "sweeps" / name / "sweep.json").read_text())
+    uri, parent_id = record["tracking_uri"], record["parent_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(parent_id).info.status == "KILLED"
+    finished = {r["tags"][TRIAL_ID_TAG]: r for r in read_runs(uri, "resume-test", parent_id)}[ended]
+    assert finished["status"] == "FINISHED"
+    run_dirs = sorted((root / "out" / "runs").glob(f"quick-{ended}-*"))
+    assert len(run_dirs) == 1
+    result_before = (run_dirs[0] / "result.json").read_text()
+
+    proc = subprocess.run([*command, "--resume", name, "--json"], cwd=root, env=_env(root), capture_output=True,
+                          text=True, timeout=HANG)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "restoring Tune's experiment" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["sweep"] == name and summary["parent_run_id"] == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
+    trials = summary["trials"]
+    assert sorted(t["config"]["train.lr"] for t in trials) == [1e-3, 2e-3]
+    assert all(t["status"] == "finished" and 0 <= t["rsum"] <= 600 and t["steps"] == 4 for t in trials)
+    # The finished trial was not trained again: the same run, folder and result; nothing new logged to it.
+    assert next(t for t in trials if t["trial_id"] == ended)["run_id"] == finished["run_id"]
+    assert sorted((root / "out" / "runs").glob(f"quick-{ended}-*")) == run_dirs
+    assert (run_dirs[0] / "result.json").read_text() == result_before
+    assert client.get_run(finished["run_id"]).info.end_time == finished["end_time"]
+    # One finished child run per trial, the one the summary names; none left running.
+    children = read_runs(uri, "resume-test", parent_id)
+    assert not [r for r in children if r["status"] == "RUNNING"]
+    for t in trials:
+        assert [r["run_id"] for r in children if r["tags"][TRIAL_ID_TAG] == t["trial_id"]
+                and r["status"] == "FINISHED"] == [t["run_id"]]
