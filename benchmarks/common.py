@@ -1,8 +1,15 @@
-"""What every benchmark shares: machine facts, versions, result files, tables, inputs and a local Ray.
+"""What every benchmark shares: machine facts, versions, result files, tables, inputs, a local Ray, and the
+split of a throughput measurement into start-up and steady state.
 
 Each benchmark writes one JSON object to ``benchmarks/results/<benchmark>[-<tag>].json`` with the keys
 ``benchmark``, ``hardware``, ``versions``, ``config``, its measured figures and, where it compares against a
 plain-PyTorch baseline measured in the same run, ``ratio``.
+
+Throughput figures come in three parts (:func:`rates`): the **steady** rate (items over the time after the
+first batches and the actors' or workers' start; each benchmark says where its steady window starts), the
+**end-to-end** rate (items over the whole measured time), and ``startup_s``, the seconds the whole took
+beyond what its items would take at the steady rate: ``seconds = startup_s + items / steady``. Ratios are
+taken between steady rates: a start-up of fixed seconds says nothing about a run of hours.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+
+from raydistill.pipeline.counters import Counters
+from raydistill.pipeline.ray_env import prepare_local_ray_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,20 +120,156 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 # ------------------------------------------------------------------------------------------------ Ray
 def start_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None) -> None:
     """Connect to ``address`` (a real cluster) or start a local instance with explicit resources."""
-    import ray
-
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        from raydistill.pipeline.runner import prepare_local_ray_env
-
         prepare_local_ray_env()  # what `raydistill run` does for its local instances
         ray.init(address="local", num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), num_gpus=num_gpus,
                  include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def configure_data(cfg: Any) -> None:
+    """This process's Ray Data settings as a run's driver has them (``run_experiment`` and ``embed`` set them
+    through ``init_ray``): for the plans a benchmark builds and runs itself, so that they run as a run's do."""
+    from raydistill.pipeline.plans import configure_data_context
+
+    configure_data_context(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ rates
+def rates(items: float, seconds: float, steady: float, unit: str) -> dict[str, float]:
+    """One throughput measurement as steady rate, end-to-end rate and start-up (see the module docstring).
+
+    Args:
+        items: everything the measurement processed.
+        seconds: its whole wall time.
+        steady: its rate inside the steady window, per second.
+        unit: ``images``, ``captions`` or ``samples`` (names the keys).
+
+    Returns:
+        ``steady_<unit>_per_s``, ``end_to_end_<unit>_per_s`` and ``startup_s``.
+    """
+    return {f"steady_{unit}_per_s": steady, f"end_to_end_{unit}_per_s": items / seconds,
+            "startup_s": seconds - items / steady}
+
+
+def window_rate(items: float, seconds: float, what: str) -> float:
+    """Items per second in a steady window; refuses an empty one (too few batches were measured)."""
+    if items <= 0 or seconds <= 0:
+        raise RuntimeError(f"no steady window for {what} ({items} items in {seconds:.3g} s): measure more batches")
+    return items / seconds
+
+
+def steady_rate(reports: list[dict[str, float]], key: str = "samples_per_s") -> float:
+    """Samples/s over every logging window but the first (start-up, first batches): total samples / time.
+
+    Windows hold the same number of steps, so this is the harmonic mean of the windows' rates.
+    """
+    windows = [r[key] for r in reports if key in r]
+    if len(windows) < 2:
+        raise RuntimeError(f"need at least two logging windows with {key}, got {len(windows)}: raise the step count")
+    steady = windows[1:]
+    return len(steady) / sum(1.0 / r for r in steady)
+
+
+def train_rates(reports: list[dict[str, float]], samples: int, seconds: float) -> dict[str, float]:
+    """A Ray Train run's figures: the steady samples/s of :func:`steady_rate` (as the worker measured them), the
+    end-to-end samples/s over ``seconds`` (the run's ``train_seconds``: the whole ``fit``, worker start and final
+    checkpoint included), ``startup_s``, and ``samples`` and ``seconds`` themselves."""
+    return {"samples": samples, "seconds": seconds} | rates(samples, seconds, steady_rate(reports), "samples")
+
+
+@ray.remote(num_cpus=0)
+class _BatchLog:
+    """The notes of :class:`TimedCounters`, in one small actor that every process appends to."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def get(self) -> list[dict[str, Any]]:
+        return list(self.events)
+
+
+class TimedCounters(Counters):
+    """A run's counters that also note, for every addition made by an actor, when it was made and by which.
+
+    ``TeacherEmbedder`` adds to its counters once per batch, right after embedding it (its ``teacher_seconds``):
+    handed this in place of :class:`~raydistill.pipeline.counters.Counters` (``with_teacher(..., counters=...)``),
+    it timestamps each batch where it was embedded, in the actor itself. Ray Data hands the batches on to the
+    consumer in bursts, so the consumer's clock would time the executor, not the teacher. Read the notes with
+    :meth:`actor_calls`; :func:`pool_steady_window` turns them into a steady window.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self._log = None
+
+    def start(self) -> TimedCounters:
+        super().start()
+        # The handle keeps the actor alive (a named actor with no handle left is destroyed).
+        self._log = _BatchLog.options(name=f"{self.name}-batches", get_if_exists=True).remote()
+        return self
+
+    def _log_handle(self) -> Any:
+        if self._log is None:
+            self._log = ray.get_actor(f"{self.name}-batches")
+        return self._log
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._log = None
+
+    def add_many(self, values: dict[str, float], bad: list[tuple[str, str, str, str]] | None = None
+                 ) -> dict[str, float]:
+        actor = ray.get_runtime_context().get_actor_id()
+        if actor is not None:
+            ray.get(self._log_handle().add.remote({"time": time.time(), "actor": actor, **values}))
+        return super().add_many(values, bad)
+
+    def actor_calls(self) -> list[dict[str, Any]]:
+        """Every addition an actor made so far: ``time`` (epoch seconds), ``actor`` (its id), and the values."""
+        return ray.get(self._log_handle().get.remote())
+
+
+def pool_steady_window(actor_calls: list[dict[str, Any]], images: int, captions: int) -> dict[str, float]:
+    """A teacher pool's steady window, timed in the actors: from the moment every actor had finished its first
+    batch (all actors started, their models loaded, their first batch done) to the last batch finished.
+
+    Args:
+        actor_calls: :meth:`TimedCounters.actor_calls` of the pass (one per teacher batch).
+        images: images the pass delivered.
+        captions: captions the pass delivered.
+
+    A batch's size is read from the call when the actors report it (``teacher_images_embedded``); otherwise
+    each batch is taken to hold the mean (the pool's batches are all ``teacher.pool.batch_size`` but for a
+    block's remainder).
+
+    Returns:
+        ``images``, ``captions`` and ``seconds`` of the window, and the ``batches`` finished inside it.
+    """
+    calls = sorted(actor_calls, key=lambda c: c["time"])
+    if not calls:
+        raise RuntimeError("the teacher actors noted no batch: are they handed the TimedCounters?")
+    exact = all("teacher_images_embedded" in c for c in calls)
+    first: dict[str, float] = {}
+    for call in calls:
+        first.setdefault(call["actor"], call["time"])
+    ready = max(first.values())
+    inside = [c for c in calls if c["time"] > ready]
+    if exact:
+        window_images = sum(c["teacher_images_embedded"] for c in inside)
+        window_captions = sum(c.get("teacher_captions_embedded", 0) for c in inside)
+    else:
+        window_images = images * len(inside) / len(calls)
+        window_captions = captions * len(inside) / len(calls)
+    return {"images": window_images, "captions": window_captions,
+            "seconds": (inside[-1]["time"] - ready) if inside else 0.0, "batches": len(inside)}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -130,40 +277,87 @@ def synth_records(n_images: int, image_size: int = 48, seed: int = 0) -> list[di
     """Image records of the embedded synthetic dataset (every split), generated once and cached."""
     from raydistill.data.sources import read_karpathy
     from raydistill.data.synth import ensure_synth_dataset
-    from raydistill.demo_assets import raydistill_home
+    from raydistill.paths import raydistill_home
 
     json_path = ensure_synth_dataset(raydistill_home() / "synth", n_images=n_images, image_size=image_size,
                                      captions_per_image=(3, 5), seed=seed)
     return read_karpathy(json_path, json_path.parent / "images")
 
 
+def _column(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+IMAGE_ROW_KEYS = ("image_id", "path", "data", "captions", "caption_ids", "split")
+
+
 def decoded_inputs(records: list[dict[str, Any]], size: int, repeat_to: int | None = None) -> dict[str, np.ndarray]:
-    """The records decoded once to uint8 [n, size, size, 3] image rows (the teacher stage's input).
+    """The records decoded once to uint8 [n, size, size, 3] image rows (the teacher stage's ``image`` input).
 
     ``repeat_to``: cycle the records to this many rows (new ids), for longer measurements on a small set.
     """
-    from raydistill.pipeline.datasets import column_batch, slim
     from raydistill.pipeline.rows import decode_batch
 
     if repeat_to and repeat_to > len(records):
         records = [dict(r, image_id=f"{r['image_id']}#{i // len(records)}",
                         caption_ids=[f"{c}#{i // len(records)}" for c in r["caption_ids"]])
                    for i, r in enumerate(records[i % len(records)] for i in range(repeat_to))]
-    batch = column_batch([slim(r) for r in records])
-    return decode_batch(batch, size=size, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=10**8)
+    batch = {k: _column([r.get(k) for r in records]) for k in IMAGE_ROW_KEYS}
+    return decode_batch(batch, sizes={"image": size}, on_bad_image="fail", max_bad_fraction=0.0, max_pixels=10**8)
 
 
+def cached_split(cfg: Any, cache_dir: str, split: str) -> dict[str, np.ndarray]:
+    """A split's image rows read from the embedding cache in this process (no Ray), decoded at the student's
+    size (``pixels``) with ``t_img`` [n, d] and ``t_txt`` (per image, n_captions x d flattened), in image-id
+    order: the cache's parts come in the order the teacher pool finished them, which varies from run to run,
+    and a student trained on the rows would follow it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raydistill.pipeline.cache import EmbeddingCache
+    from raydistill.pipeline.plans import student_decode_size
+    from raydistill.pipeline.rows import decode_batch
+
+    cache = EmbeddingCache(cache_dir)
+    table = pa.concat_tables([pq.read_table(path, filesystem=cache.fs) for path in cache.part_files(split)])
+    table = table.sort_by("image_id")
+    n = table.num_rows
+    batch = {k: _column(table.column(k).to_pylist()) for k in IMAGE_ROW_KEYS}
+    batch["t_img"] = np.asarray(table.column("t_img").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                                np.float32).reshape(n, -1)
+    t_txt = table.column("t_txt").combine_chunks()
+    flat = np.asarray(t_txt.flatten().to_numpy(zero_copy_only=False), np.float32)
+    batch["t_txt"] = _column(np.split(flat, np.cumsum(pc.list_value_length(t_txt).to_numpy())[:-1]))
+    return decode_batch(batch, sizes={"pixels": student_decode_size(cfg)}, on_bad_image="fail",
+                        max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)
+
+
+def student_max_len(cfg: Any) -> int:
+    """Caption tokens of the configured student (its preset's unless ``student.max_len`` is set)."""
+    from raydistill.models.student import get_preset
+
+    return cfg.student.max_len or get_preset(cfg.student.preset).max_len
+
+
+# ------------------------------------------------------------------------------------------------ teachers
 def demo_teacher_spec(device: str = "cpu") -> dict[str, Any]:
     """The embedded demo's teacher (shipped, or fitted on first use)."""
-    from raydistill.demo_assets import ensure_demo_teacher
+    from raydistill.demo import ensure_demo_teacher
 
     return {"kind": "raydistill", "checkpoint": str(ensure_demo_teacher()), "device": device, "dtype": "float32"}
 
 
-def tiny_teacher_spec(folder: Path, dim: int = 32, image_size: int = 48) -> dict[str, Any]:
-    """A tiny raydistill-format teacher saved in ``folder`` (smoke tests: seconds, not minutes)."""
+def tiny_teacher_spec(folder: Path | None = None, dim: int = 32, image_size: int = 48) -> dict[str, Any]:
+    """A tiny raydistill-format teacher (smoke tests: seconds, not minutes), made once (seeded) in ``folder``
+    (default ``<RAYDISTILL_HOME>/benchmarks/tiny-teacher``): one path, so caches keyed by it can be reused."""
     from raydistill.models.student import build_student, save_dual_encoder
     from raydistill.models.tokenizers import build_wordpiece_tokenizer
+    from raydistill.paths import raydistill_home
+
+    folder = folder or raydistill_home() / "benchmarks" / "tiny-teacher"
 
     if not (folder / "config.json").is_file():
         import torch
@@ -177,6 +371,17 @@ def tiny_teacher_spec(folder: Path, dim: int = 32, image_size: int = 48) -> dict
     return {"kind": "raydistill", "checkpoint": str(folder), "device": "cpu", "dtype": "float32"}
 
 
+def teacher_side(spec: Any, dim: int, folder: Path) -> Any:
+    """The teacher as the plans take it (:class:`~raydistill.pipeline.plans.TeacherSide`) for a pass that writes
+    no cache (``with_teacher(..., write_through=False)``): ``folder`` is named, never written."""
+    from raydistill.models.teachers import TeacherSpec
+    from raydistill.pipeline.cache import EmbeddingCache
+    from raydistill.pipeline.plans import TeacherSide
+
+    typed = spec if isinstance(spec, TeacherSpec) else TeacherSpec.from_mapping(spec)
+    return TeacherSide(spec=typed, dim=dim, cache=EmbeddingCache(str(folder)), key={})
+
+
 def teacher_overrides(spec: dict[str, Any]) -> list[str]:
     """Config overrides that make a run use the teacher ``spec``."""
     out = [f"teacher.kind={spec['kind']}", f"teacher.checkpoint={spec['checkpoint']}",
@@ -185,6 +390,15 @@ def teacher_overrides(spec: dict[str, Any]) -> list[str]:
         if spec.get(key):
             out.append(f"teacher.{key}={spec[key]}")
     return out
+
+
+def student_overrides(preset: str) -> list[str]:
+    """Config overrides for a student of ``preset``. The presets that DSMD starts from pretrained towers train
+    from random initialisation here: throughput does not depend on the weights, and no download is needed."""
+    from raydistill.config import StudentConfig
+
+    return [f"student.preset={preset}"] + (["student.from_scratch=true"] if preset in StudentConfig.PRETRAINED_TOWERS
+                                           else [])
 
 
 def gpu_sharing(gpu: bool) -> list[str]:
@@ -199,10 +413,8 @@ def run_config(spec: dict[str, Any], work: Path, overrides: list[str], base: str
     from raydistill.config import load_config
     from raydistill.demo_assets import config_path
 
-    # Streaming, not rows held in memory (configs/demo.yaml materialises): the path large data takes.
     return load_config(config_path(base), [f"output_dir={work}", f"cache.dir={work / 'cache'}",
-                                           "tracking.enabled=false", "train.materialize=false"]
-                       + teacher_overrides(spec) + overrides)
+                                           "tracking.enabled=false"] + teacher_overrides(spec) + overrides)
 
 
 class ReportRecorder:
@@ -229,28 +441,3 @@ class ReportRecorder:
 
 def read_reports(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def steady_rate(reports: list[dict[str, float]], key: str = "samples_per_s") -> float:
-    """Samples/s over every logging window but the first (start-up, first batches): total samples / time.
-
-    Windows hold the same number of steps, so this is the harmonic mean of the windows' rates.
-    """
-    rates = [r[key] for r in reports if key in r]
-    if len(rates) < 2:
-        raise RuntimeError(f"need at least two logging windows with {key}, got {len(rates)}: raise the step count")
-    steady = rates[1:]
-    return len(steady) / sum(1.0 / r for r in steady)
-
-
-def cached_split(cfg: Any, cache_dir: str, split: str) -> dict[str, np.ndarray]:
-    """A split's image rows from the embedding cache, decoded (``image``) with ``t_img`` / ``t_txt``, in
-    image-id order (the cache's part files come in the order the teacher pool finished them, which varies
-    from run to run, and a student trained on the rows would follow it)."""
-    from raydistill.pipeline.cache import EmbeddingCache, rows_from_cache_batch
-    from raydistill.pipeline.datasets import column_batch
-    from raydistill.pipeline.rows import decode_batch
-
-    batch = column_batch(EmbeddingCache(cache_dir).read_split(split).sort_by("image_id").to_pydict())
-    return decode_batch(rows_from_cache_batch(batch), size=cfg.data.decode_size, on_bad_image="fail",
-                        max_bad_fraction=0.0, max_pixels=cfg.data.max_pixels)

@@ -1,15 +1,35 @@
 """Stream mode end to end against its parts: does the teacher overlap the student, and what does the cache save?
 
-Times, all wall clock on the same data and model, each a fresh Ray Data / Ray Train execution:
+Each a fresh Ray Data / Ray Train execution on the same data and models:
 
-- ``t_teacher``: the teacher stage alone over the training split (actor pool, no training);
-- ``t_student``: training alone, per epoch over ``epochs`` epochs, from a complete cache (cache mode: the
-  cache the write-through run below filled);
-- ``epochs`` epochs in stream mode without a cache (the teacher pool feeding the worker; it re-runs every
-  epoch: Ray re-executes the dataset); ``t_stream`` is its time per epoch;
-- ``overlap_efficiency`` = (t_teacher + t_student) / t_stream: 1 means no overlap (the stages took turns),
-  2 means perfect overlap of two equal stages; below 1, streaming costs more than running the stages apart;
-- the same epochs with write-through (epoch 1 fills the cache, later epochs read it): ``cache_saving``.
+- **teacher alone**: raydistill's teacher stage over the training split (source -> decode -> actor pool, as
+  ``pipeline.plans`` builds it; no training, no cache written);
+- **student alone**: ``epochs`` epochs of training in cache mode (the cache the write-through run below
+  filled);
+- **no cache**: ``epochs`` epochs in stream mode without a cache (the teacher pool feeding the worker; Ray
+  re-executes the dataset every epoch, actors included);
+- **write-through**: the same epochs with write-through (epoch 1 fills the cache, later epochs read it).
+
+Steady state, start-up and end to end (``benchmarks.common``): the teacher's steady rate runs from the moment
+every actor had embedded its first batch to the last batch, timed in the actors; a training run's from the
+end of its first logging window (the worker group's start, the first epoch's dataset start and first
+batches come before) to its last, as the worker measures it. Later epochs' restarts (a new teacher pool per
+epoch without a cache, the switch to the cache with write-through) fall inside the steady windows: they are
+what each further epoch costs. ``startup_s`` is each run's time less what its items take at the steady rate.
+
+Figures:
+
+- ``t_teacher_s``, ``t_student_s``, ``t_stream_s``: one epoch at the steady rate of the teacher alone, the
+  student alone and the stream without a cache;
+- ``overlap_efficiency`` = (t_teacher + t_student) / t_stream on those steady times: 1 means no overlap (the
+  stages took turns), 2 perfect overlap of two equal stages; below 1, streaming costs more than running the
+  stages apart. ``end_to_end`` holds the same from whole-run times (start-ups included, spread over the
+  epochs);
+- ``cache_saving`` = 1 - write-through seconds / no-cache seconds, whole runs (what a user waits less);
+  ``cache_saving_steady`` the same from the two runs' steady rates;
+- ``cache_hits``: the teacher embeddings the cache saved, the no-cache run's ``teacher_images_embedded`` less
+  the write-through run's (epochs after the first read the cache's parts and never reach the teacher, so the
+  pipeline counts no lookups).
 
     python -m benchmarks.pipeline
     python -m benchmarks.pipeline --teacher beit3-large --student small --device cuda --tag gpu
@@ -28,21 +48,32 @@ from benchmarks import common
 from benchmarks.common import log
 
 
-def teacher_pass(cfg: Any, spec: dict[str, Any]) -> float:
-    """Seconds for raydistill's teacher stage over the training split (decode + actor pool), nothing else."""
-    from raydistill.models.teachers import load_teacher
-    from raydistill.pipeline import datasets as dsets
+def teacher_pass(cfg: Any, folder: Path) -> dict[str, Any]:
+    """raydistill's teacher stage alone over the training split (read, decode, actor pool; no cache written):
+    images, captions, seconds and the steady window."""
+    from raydistill.data.source import source_dataset
+    from raydistill.pipeline.plans import decoded, with_teacher
+    from raydistill.pipeline.teacher_side import probe_teacher, teacher_spec
 
-    dim = load_teacher(spec).dim
-    records = dsets.read_records(cfg)[cfg.data.train_split]
-    ds = dsets.with_teacher(dsets.decoded(dsets.records_dataset(records), cfg, None), cfg, spec, dim, None, None)
+    spec = teacher_spec(cfg)
+    dim = probe_teacher(cfg, spec)["dim"]
+    counters = common.TimedCounters().start()
+    rows = decoded(source_dataset(cfg, [cfg.data.train_split]), cfg, {"image": cfg.data.decode_size}, counters,
+                   count_bad=True)
+    ds = with_teacher(rows, cfg, common.teacher_side(spec, dim, folder), counters, write_through=False)
 
-    def run() -> int:
-        return sum(len(b["t_img"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    def run() -> tuple[int, int]:
+        images = captions = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            images += len(batch["t_img"])
+            captions += sum(len(c) for c in batch["captions"])
+        return images, captions
 
-    n, seconds = common.timed(run)
-    assert n == len(records)
-    return seconds
+    (images, captions), seconds = common.timed(run)
+    window = common.pool_steady_window(counters.actor_calls(), images, captions)
+    steady = common.window_rate(window["images"], window["seconds"], "the teacher alone")
+    return {"images": images, "captions": captions, "seconds": seconds,
+            **common.rates(images, seconds, steady, "images")}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -62,7 +93,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
 
     from benchmarks.teacher_throughput import teacher_spec
-    from raydistill.pipeline import datasets as dsets
     from raydistill.pipeline.runner import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,62 +103,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def cfg_for(name: str, extra: list[str]) -> Any:
             return common.run_config(spec, work / name, [
-                f"data.synth.n_images={args.images}", f"data.decode_size={size}", f"student.preset={args.student}",
+                f"data.synth.n_images={args.images}", f"data.decode_size={size}",
+                *common.student_overrides(args.student),
                 f"train.batch_size={args.batch_size}", f"train.cpus_per_worker={args.cpus_per_worker}",
                 f"train.use_gpu={'yes' if gpu else 'no'}", f"teacher.pool.batch_size={args.batch_size}",
-                *common.gpu_sharing(gpu), f"teacher.pool.num_cpus={args.cpus_per_actor}",
-                f"cache.dir={work / name / 'cache'}",
+                f"teacher.infer_batch_size={args.batch_size}", *common.gpu_sharing(gpu),
+                f"teacher.pool.num_cpus={args.cpus_per_actor}", f"cache.dir={work / name / 'cache'}",
             ] + extra)
+
+        def train(name: str, extra: list[str]) -> dict[str, Any]:
+            reports = work / f"reports-{name}.jsonl"
+            summary = run_experiment(cfg_for(name, extra), train_callbacks=[common.ReportRecorder(reports)])
+            return summary | common.train_rates(common.read_reports(reports), summary["steps"] * args.batch_size,
+                                                summary["train_seconds"])
 
         common.start_ray(num_cpus=args.num_cpus, num_gpus=1 if gpu else None)
         probe = cfg_for("probe", [])
-        train_captions = sum(len(r["captions"]) for r in dsets.read_records(probe)[probe.data.train_split])
-        epoch = train_captions // args.batch_size
-        log(f"one epoch = {epoch} steps of {args.batch_size} ({train_captions} training captions)")
-
+        common.configure_data(probe)
         log("teacher stage alone over the training split")
-        t_teacher = teacher_pass(probe, spec)
+        teacher = teacher_pass(probe, work / "probe" / "no-cache")
+        epoch = teacher["captions"] // args.batch_size
+        log(f"one epoch = {epoch} steps of {args.batch_size} ({teacher['captions']} training captions)")
         many = [f"train.steps={epoch * args.epochs}", f"train.checkpoint_every={epoch * args.epochs}",
                 f"train.log_every={max(1, epoch // 4)}"]
         log(f"stream mode for {args.epochs} epochs without a cache")
-        no_cache = run_experiment(cfg_for("no-cache", many + ["cache.write_through=false"]))
+        no_cache = train("no-cache", many + ["cache.write_through=false"])
         log(f"stream mode for {args.epochs} epochs with write-through")
-        write_through = run_experiment(cfg_for("write-through", many + ["cache.write_through=true"]))
-        t_stream = no_cache["train_seconds"] / args.epochs
+        write_through = train("write-through", many + ["cache.write_through=true"])
         # The student alone runs as many epochs as the stream runs, so that both spread their start-up over the
-        # same number of epochs (one epoch alone made t_student 83 s against 57 s per stream epoch on 2 cores). It
-        # reads the cache the write-through run filled (the same rows `raydistill embed` would write).
+        # same number of epochs. It reads the cache the write-through run filled (the same rows `raydistill
+        # embed` would write).
         log(f"student alone for {args.epochs} epochs (cache mode, the write-through run's cache)")
-        cached = run_experiment(cfg_for("write-through", many + ["cache.mode=cache", "name=student-alone"]))
-        if cached["teacher_images_embedded"]:
-            raise RuntimeError(f"the student-alone run embedded {cached['teacher_images_embedded']} images: the "
+        student = train("write-through", many + ["cache.mode=cache", "name=student-alone"])
+        if student["teacher_images_embedded"]:
+            raise RuntimeError(f"the student-alone run embedded {student['teacher_images_embedded']} images: the "
                                "write-through run left its cache incomplete")
-        t_student = cached["train_seconds"] / args.epochs
 
-    figures = {
+    samples = epoch * args.batch_size
+    run_keys = ("seconds", "samples", "steady_samples_per_s", "end_to_end_samples_per_s", "startup_s")
+    figures: dict[str, Any] = {
         "epoch_steps": epoch,
-        "t_teacher_s": t_teacher,
-        "t_student_s": t_student,
-        "t_stream_s": t_stream,
-        "overlap_efficiency": (t_teacher + t_student) / t_stream,
         "epochs": args.epochs,
-        "no_cache": {"seconds": no_cache["train_seconds"], "teacher_images_embedded": no_cache["teacher_images_embedded"]},
-        "write_through": {"seconds": write_through["train_seconds"],
-                          "teacher_images_embedded": write_through["teacher_images_embedded"],
-                          "cache_hits": write_through["cache_hits"]},
+        "t_teacher_s": teacher["images"] / teacher["steady_images_per_s"],
+        "t_student_s": samples / student["steady_samples_per_s"],
+        "t_stream_s": samples / no_cache["steady_samples_per_s"],
+        "teacher_alone": teacher,
+        "student_alone": {k: student[k] for k in run_keys},
+        "no_cache": {"teacher_images_embedded": no_cache["teacher_images_embedded"]}
+        | {k: no_cache[k] for k in run_keys},
+        "write_through": {"teacher_images_embedded": write_through["teacher_images_embedded"],
+                          "cache_hits": no_cache["teacher_images_embedded"] - write_through["teacher_images_embedded"]}
+        | {k: write_through[k] for k in run_keys},
     }
-    figures["cache_saving"] = 1 - write_through["train_seconds"] / no_cache["train_seconds"]
+    figures["overlap_efficiency"] = (figures["t_teacher_s"] + figures["t_student_s"]) / figures["t_stream_s"]
+    end_to_end = {"t_teacher_s": teacher["seconds"], "t_student_s": student["seconds"] / args.epochs,
+                  "t_stream_s": no_cache["seconds"] / args.epochs}
+    end_to_end["overlap_efficiency"] = ((end_to_end["t_teacher_s"] + end_to_end["t_student_s"])
+                                        / end_to_end["t_stream_s"])
+    figures["end_to_end"] = end_to_end
+    figures["cache_saving"] = 1 - write_through["seconds"] / no_cache["seconds"]
+    figures["cache_saving_steady"] = 1 - no_cache["steady_samples_per_s"] / write_through["steady_samples_per_s"]
     config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {"image_size": size}
     out = common.result("pipeline", config, **figures)
-    print(common.table(["", "seconds", "teacher images embedded"], [
-        ["teacher alone (1 epoch)", t_teacher, None],
-        ["student alone (per epoch, cache mode)", t_student, None],
-        ["stream, no cache (per epoch)", t_stream, None],
-        ["overlap efficiency (t_teacher + t_student) / t_stream", figures["overlap_efficiency"], None],
-        [f"stream, {args.epochs} epochs, no cache", no_cache["train_seconds"], no_cache["teacher_images_embedded"]],
-        [f"stream, {args.epochs} epochs, write-through", write_through["train_seconds"],
-         write_through["teacher_images_embedded"]],
-        ["cache saving", figures["cache_saving"], None],
+    print(common.table(["", "steady", "end to end"], [
+        ["teacher alone, s per epoch", figures["t_teacher_s"], end_to_end["t_teacher_s"]],
+        ["student alone (cache mode), s per epoch", figures["t_student_s"], end_to_end["t_student_s"]],
+        ["stream, no cache, s per epoch", figures["t_stream_s"], end_to_end["t_stream_s"]],
+        ["overlap efficiency (t_teacher + t_student) / t_stream", figures["overlap_efficiency"],
+         end_to_end["overlap_efficiency"]],
+        ["start-up s: teacher / student / stream",
+         f"{teacher['startup_s']:.1f} / {student['startup_s']:.1f} / {no_cache['startup_s']:.1f}", None],
+        [f"stream, {args.epochs} epochs: no cache / write-through, s", None,
+         f"{no_cache['seconds']:.1f} / {write_through['seconds']:.1f}"],
+        ["teacher images embedded: no cache / write-through", None,
+         f"{no_cache['teacher_images_embedded']} / {write_through['teacher_images_embedded']}"],
+        ["cache saving", figures["cache_saving_steady"], figures["cache_saving"]],
     ]))
     common.write_result(out, args.out, args.tag)
     return out

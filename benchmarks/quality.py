@@ -1,9 +1,11 @@
 """Distillation quality on the embedded benchmark: teacher, DSMD student, undistilled baseline, ablations.
 
 The fitted demo teacher embeds the synthetic captioned scenes once, through the real pipeline
-(``raydistill embed``: actor pool -> Parquet cache). Every student arm then trains in this process with the
-training step the Ray Train workers run (``pipeline.train_loop.Trainer``) on the cached rows, all with the same
-data, steps, batch size, optimizer and schedule:
+(``raydistill embed``: actor pool -> Parquet cache, kept under ``RAYDISTILL_HOME`` for later runs of the same
+teacher and data: :func:`reusable_cache_dir`). Every student arm then trains in this process with the training
+step the Ray Train workers run (``pipeline.trainer.Trainer``) on the cached rows, read and decoded here with the
+pipeline's row functions, and is evaluated as a run evaluates (``pipeline.evaluate.embed_split``), all with the
+same data, steps, batch size, optimizer and schedule:
 
 - ``dsmd``: the four losses and the ``dsmd`` balancer (configs/demo.yaml);
 - ``baseline``: the same student without a teacher (ground-truth image-text contrastive loss);
@@ -72,10 +74,38 @@ def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -
     return config_from_dict(raw).model_dump(mode="json")
 
 
+def reusable_cache_dir(cfg: Any) -> Path:
+    """Where the teacher's embeddings of this benchmark's data are kept between runs (``--merge`` adds arms to a
+    result without embedding again): ``<RAYDISTILL_HOME>/benchmarks/cache/<name>``, the name a hash of the
+    cache's key (teacher identity, preprocessing, data) and of the teacher weights' fingerprint, so a folder is
+    only ever reused for the same embeddings. What the arms measure does not depend on where they came from."""
+    import hashlib
+
+    from raydistill.data.source import source_identity
+    from raydistill.models.teachers import load_teacher
+    from raydistill.paths import raydistill_home
+    from raydistill.pipeline.teacher_side import cache_key, teacher_spec
+
+    spec = teacher_spec(cfg)
+    key = cache_key(cfg, spec, source_identity(cfg))["hash"]
+    name = hashlib.sha256(f"{key}:{load_teacher(spec).fingerprint}".encode()).hexdigest()[:16]
+    return raydistill_home() / "benchmarks" / "cache" / name
+
+
 def split_rows(cfg: Any, cache_dir: str, split: str) -> list[dict[str, Any]]:
-    """A split's decoded image rows from the cache, one dict per image."""
+    """A split's decoded image rows from the cache, one dict per image (what ``batches_from_rows`` takes)."""
     batch = common.cached_split(cfg, cache_dir, split)
     return [{k: batch[k][i] for k in batch} for i in range(len(batch["image_id"]))]
+
+
+def evaluate(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_len: int, cfg: Any) -> dict[str, float]:
+    """The student's recall (and embedding throughput) on a split held in memory, as a run evaluates it."""
+    import torch
+
+    from raydistill.pipeline.evaluate import batches_from_rows, embed_split, student_metrics
+
+    emb = embed_split(batches_from_rows(rows, cfg.eval.batch_size), model, tokenizer, max_len, torch.device("cpu"))
+    return student_metrics(emb, cfg.eval.chunk_size)
 
 
 def train_arm(cfg: dict[str, Any], rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int) -> Any:
@@ -130,37 +160,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.teacher_throughput import teacher_spec
     from raydistill.models.tokenizers import build_wordpiece_tokenizer
-    from raydistill.pipeline import datasets as dsets
-    from raydistill.pipeline.evaluate import build_eval_set, evaluate_student, evaluate_teacher
+    from raydistill.pipeline.evaluate import batches_from_rows, embed_split, teacher_metrics
     from raydistill.pipeline.rows import explode_batch
-    from raydistill.pipeline.runner import embed, student_max_len
+    from raydistill.pipeline.runner import embed
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = teacher_spec(args.teacher, "cpu", work)
-        cfg = common.run_config(spec, work, [f"data.synth.n_images={args.images}", f"train.steps={args.steps}",
-                                             f"train.batch_size={args.batch_size}", "cache.mode=cache"])
+        overrides = [f"data.synth.n_images={args.images}", f"train.steps={args.steps}",
+                     f"train.batch_size={args.batch_size}", "cache.mode=cache"]
+        cfg = common.run_config(spec, work, overrides)
+        cfg = common.run_config(spec, work, [*overrides, f"cache.dir={reusable_cache_dir(cfg)}"])
         started = not ray.is_initialized()
         common.start_ray()
         log("teacher pass through the pipeline into the cache")
         filled = embed(cfg)
         if started:  # the students train in this process: give the cores back
             ray.shutdown()
-        records = dsets.read_records(cfg)
-        captions = [c for r in records[cfg.data.train_split] for c in r["captions"]]
-        tokenizer = build_wordpiece_tokenizer(captions, vocab_size=cfg.student.vocab_size)
-        max_len = student_max_len(cfg)
         batch = common.cached_split(cfg, filled["cache_dir"], cfg.data.train_split)
+        # The vocabulary is learned from the training captions (it does not depend on their order).
+        tokenizer = build_wordpiece_tokenizer([str(c) for caps in batch["captions"] for c in caps],
+                                              vocab_size=cfg.student.vocab_size)
+        max_len = common.student_max_len(cfg)
         rows = explode_batch(batch, tokenizer, max_len, with_teacher=True)
-        val = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.val_split), tokenizer, max_len)
-        test = build_eval_set(split_rows(cfg, filled["cache_dir"], cfg.data.test_split), tokenizer, max_len)
+        val = split_rows(cfg, filled["cache_dir"], cfg.data.val_split)
+        test = split_rows(cfg, filled["cache_dir"], cfg.data.test_split)
         teacher_params = sum(int(np.prod(s)) for s in _teacher_shapes(spec))
     dim = int(rows["t_img"].shape[1])
-    eval_cfg = cfg.eval.model_dump()
     base = cfg.model_dump(mode="json")
-    teacher = evaluate_teacher(test, cfg.eval.chunk_size)
-    log(f"{len(rows['input_ids'])} training captions, val {val.n_images} / test {test.n_images} images; "
+    teacher = teacher_metrics(embed_split(batches_from_rows(test, cfg.eval.batch_size), None, tokenizer, max_len,
+                                          torch.device("cpu")), cfg.eval.chunk_size)
+    log(f"{len(rows['input_ids'])} training captions, val {len(val)} / test {len(test)} images; "
         f"teacher test RSUM {teacher['rsum']:.1f}")
 
     teacher_row = {k: teacher[k] for k in RECALLS} | {"params": teacher_params}
@@ -173,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         model = train_arm(arm_config(base, arm, lr, seed, dim), rows, dim, len(tokenizer), args.steps)
         record = {"arm": arm, "lr": lr, "seed": seed,
-                  "val_rsum": evaluate_student(model, val, torch.device("cpu"), eval_cfg)["rsum"],
-                  "test": evaluate_student(model, test, torch.device("cpu"), eval_cfg),
+                  "val_rsum": evaluate(model, val, tokenizer, max_len, cfg)["rsum"],
+                  "test": evaluate(model, test, tokenizer, max_len, cfg),
                   "params": int(model.num_parameters()), "seconds": time.perf_counter() - start}
         log(f"{arm} lr {lr:g} seed {seed}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f} "
             f"({record['seconds']:.0f} s)")

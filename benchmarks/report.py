@@ -1,4 +1,4 @@
-"""The README's Performance tables from the committed result files: ``python -m benchmarks.report``."""
+"""The README's Performance tables from the result files: ``python -m benchmarks.report [tag] [--results DIR]``."""
 
 from __future__ import annotations
 
@@ -38,37 +38,77 @@ def _chosen_on(arm: dict[str, Any]) -> str:
     return "val, seed 0"
 
 
+def _teacher(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    title = (f"**Teacher stage** ({c['teacher']} teacher, {c['image_size']} px, batch {c['batch_size']}, "
+             f"{c['actors']} actor(s); {r['images']} images / {r['captions']} captions; {_machine(r)}):")
+    sides = ("plain", "pipeline")
+    if "steady_images_per_s" not in r["plain"]:  # measured before start-up and steady state were told apart
+        return [title, "", table(["", "images/s", "captions/s", "seconds"],
+                                 [[k, r[k]["images_per_s"], r[k]["captions_per_s"], r[k]["seconds"]] for k in sides]
+                                 + [["**ratio** (pipeline / plain)", round(r["ratio"], 3), None, None]]), ""]
+    rows = [[k, r[k]["steady_images_per_s"], r[k]["steady_captions_per_s"], r[k]["startup_s"],
+             r[k]["end_to_end_images_per_s"], r[k]["seconds"]] for k in sides]
+    rows.append(["**ratio** (pipeline / plain)", round(r["ratio"], 3), None, None, round(r["ratio_end_to_end"], 3),
+                 None])
+    return [title, "", table(["", "steady images/s", "steady captions/s", "start-up s", "end-to-end images/s",
+                              "seconds"], rows), ""]
+
+
+def _train(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    title = (f"**Student training** ({c['student']} student, {r['student_params']:,} parameters, batch "
+             f"{c['batch_size']}, {c['steps']} steps, cache mode; {_machine(r)}):")
+    sides = (("plain PyTorch loop (in-memory tensors)", r["plain"]),
+             ("Ray Train worker fed by Ray Data", r["ray_train"]))
+    if "steady_samples_per_s" not in r["plain"]:  # measured before start-up and steady state were told apart
+        return [title, "", table(["", "samples/s"], [[name, f["samples_per_s"]] for name, f in sides]
+                                 + [["**ratio** (Ray / plain)", round(r["ratio"], 3)]]), ""]
+    rows = [[name, f["steady_samples_per_s"], f["startup_s"], f["end_to_end_samples_per_s"], f["seconds"]]
+            for name, f in sides]
+    rows.append(["**ratio** (Ray / plain)", round(r["ratio"], 3), None, round(r["ratio_end_to_end"], 3), None])
+    return [title, "", table(["", "steady samples/s", "start-up s", "end-to-end samples/s", "seconds"], rows), ""]
+
+
+def _pipeline(r: dict[str, Any]) -> list[str]:
+    title = f"**Stream mode** (one epoch = {r['epoch_steps']} steps; {_machine(r)}):"
+    runs = [[f"{r['epochs']} epochs without a cache, s (teacher images embedded)",
+             f"{r['no_cache']['seconds']:.1f} ({r['no_cache']['teacher_images_embedded']})"],
+            [f"{r['epochs']} epochs with write-through, s (teacher images embedded)",
+             f"{r['write_through']['seconds']:.1f} ({r['write_through']['teacher_images_embedded']})"],
+            ["**cache saving**", f"{100 * r['cache_saving']:.0f} %"]]
+    if "end_to_end" not in r:  # measured before start-up and steady state were told apart
+        return [title, "", table(["", "value"], [
+            ["teacher alone, s", r["t_teacher_s"]], ["student alone (cache mode), s per epoch", r["t_student_s"]],
+            ["stream mode without a cache, s per epoch", r["t_stream_s"]],
+            ["**overlap efficiency** (t_teacher + t_student) / t_stream", round(r["overlap_efficiency"], 3)],
+            *runs]), ""]
+    e = r["end_to_end"]
+    startups = " / ".join(f"{r[k]['startup_s']:.1f}" for k in ("teacher_alone", "student_alone", "no_cache"))
+    return [title, "", table(["", "steady", "end to end"], [
+        ["teacher alone, s per epoch", r["t_teacher_s"], e["t_teacher_s"]],
+        ["student alone (cache mode), s per epoch", r["t_student_s"], e["t_student_s"]],
+        ["stream mode without a cache, s per epoch", r["t_stream_s"], e["t_stream_s"]],
+        ["**overlap efficiency** (t_teacher + t_student) / t_stream", round(r["overlap_efficiency"], 3),
+         round(e["overlap_efficiency"], 3)],
+        ["start-up s (teacher / student / stream)", startups, None],
+        [runs[0][0], None, runs[0][1]], [runs[1][0], None, runs[1][1]],
+        ["**cache saving**", f"{100 * r['cache_saving_steady']:.0f} %", runs[2][1]]]), ""]
+
+
 def render(folder: Path = RESULTS, tag: str | None = None) -> str:
+    """The Markdown of every result file in ``folder`` (``<benchmark>[-<tag>].json``), in the README's order."""
     suffix = f"-{tag}" if tag else ""
     out: list[str] = []
     r = _load("teacher_throughput" + suffix, folder)
     if r:
-        c = r["config"]
-        out += [f"**Teacher stage** ({c['teacher']} teacher, {c['image_size']} px, batch {c['batch_size']}, "
-                f"{c['actors']} actor(s); {r['images']} images / {r['captions']} captions; {_machine(r)}):", "",
-                table(["", "images/s", "captions/s", "seconds"],
-                      [[k, r[k]["images_per_s"], r[k]["captions_per_s"], r[k]["seconds"]] for k in ("plain", "pipeline")]
-                      + [["**ratio** (pipeline / plain)", round(r["ratio"], 3), None, None]]), ""]
+        out += _teacher(r)
     r = _load("train_throughput" + suffix, folder)
     if r:
-        c = r["config"]
-        out += [f"**Student training** ({c['student']} student, {r['student_params']:,} parameters, batch "
-                f"{c['batch_size']}, {c['steps']} steps, cache mode; {_machine(r)}):", "",
-                table(["", "samples/s"], [["plain PyTorch loop (in-memory tensors)", r["plain"]["samples_per_s"]],
-                                          ["Ray Train worker fed by Ray Data", r["ray_train"]["samples_per_s"]],
-                                          ["**ratio** (Ray / plain)", round(r["ratio"], 3)]]), ""]
+        out += _train(r)
     r = _load("pipeline" + suffix, folder)
     if r:
-        out += [f"**Stream mode** (one epoch = {r['epoch_steps']} steps; {_machine(r)}):", "",
-                table(["", "value"], [
-                    ["teacher alone, s", r["t_teacher_s"]], ["student alone (cache mode), s per epoch", r["t_student_s"]],
-                    ["stream mode without a cache, s per epoch", r["t_stream_s"]],
-                    ["**overlap efficiency** (t_teacher + t_student) / t_stream", round(r["overlap_efficiency"], 3)],
-                    [f"{r['epochs']} epochs without a cache, s (teacher images embedded)",
-                     f"{r['no_cache']['seconds']:.1f} ({r['no_cache']['teacher_images_embedded']})"],
-                    [f"{r['epochs']} epochs with write-through, s (teacher images embedded)",
-                     f"{r['write_through']['seconds']:.1f} ({r['write_through']['teacher_images_embedded']})"],
-                    ["**cache saving**", f"{100 * r['cache_saving']:.0f} %"]]), ""]
+        out += _pipeline(r)
     r = _load("scaling" + suffix, folder)
     if r:
         out += [f"**Scaling** ({r['config']['nodes']} Ray nodes; {_machine(r)}): {r['note']}.", "",
@@ -87,5 +127,15 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
     return "\n".join(out)
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split(":", 1)[0])
+    p.add_argument("tag", nargs="?", default=None, help="result files <benchmark>-<tag>.json (e.g. gpu)")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the result files (default benchmarks/results)")
+    args = p.parse_args(argv)
+    print(render(Path(args.results), args.tag))
+
+
 if __name__ == "__main__":
-    print(render(tag=sys.argv[1] if len(sys.argv) > 1 else None))
+    main(sys.argv[1:])

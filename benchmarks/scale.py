@@ -94,8 +94,8 @@ data: {{source: manifest, path: {manifest}, decode_size: 16, val_split: null}}
 teacher:
   kind: raydistill
   checkpoint: {teacher}
-  pool: {{min_size: 1, max_size: 1, batch_size: 1024, num_cpus: 1}}
-  infer_batch_size: 1024
+  pool: {{min_size: 1, max_size: 1, batch_size: 512, num_cpus: 1}}
+  infer_batch_size: 512
 cache: {{dir: {work / 'cache'}}}
 student: {{preset: test, vocab_size: 200}}
 distill: {{queue_size: 1024}}
@@ -108,10 +108,11 @@ ray: {{address: "{address}"}}
 class Sampler:
     """Peak RSS of one process and peak object-store use of the instance, sampled on a thread."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, address: str) -> None:
         import psutil
 
         self.process = psutil.Process(pid)
+        self.address = address
         self.rss = 0
         self.store = 0
         self._stop = threading.Event()
@@ -124,7 +125,7 @@ class Sampler:
                 self.rss = max(self.rss, self.process.memory_info().rss)
             except Exception:  # noqa: BLE001 - the process ended between two samples
                 pass
-            self.store = max(self.store, object_store_used())
+            self.store = max(self.store, object_store_used(self.address))
             self._stop.wait(0.2)
 
     def stop(self) -> None:
@@ -132,24 +133,24 @@ class Sampler:
         self._thread.join()
 
 
-def object_store_used() -> int:
+def object_store_used(address: str) -> int:
     """Bytes in the instance's object store now (the raylets' plasma stores)."""
     from ray._private.internal_api import memory_summary
 
     try:
-        text = memory_summary(stats_only=True)
+        text = memory_summary(address=address, stats_only=True)
     except Exception:  # noqa: BLE001 - between two commands the instance may be busy; try again next sample
         return 0
     match = re.search(r"Plasma memory usage (\d+) MiB", text)
     return int(match.group(1)) * 2**20 if match else 0
 
 
-def run_command(args: list[str]) -> tuple[dict[str, Any], float, Sampler]:
+def run_command(args: list[str], address: str) -> tuple[dict[str, Any], float, Sampler]:
     """Run a ``raydistill`` command as its own process; its JSON result, wall seconds and samples."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", *args, "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
-    sampler = Sampler(proc.pid)
+    sampler = Sampler(proc.pid, address)
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
     sampler.stop()
@@ -186,18 +187,38 @@ def measure(n: int, work: Path, names: list[str], teacher: Path, address: str) -
     config = work / "scale.yaml"
     write_config(config, manifest, teacher, work, address)
     log(f"{n:,} images: raydistill embed")
-    embedded, seconds, sampler = run_command(["embed", str(config)])
+    embedded, seconds, sampler = run_command(["embed", str(config)], address)
     rows = [{"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
              "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
              "seconds_per_image": steady_seconds_per_image(work / "cache"),
              "teacher_images_embedded": embedded["teacher_images_embedded"]}]
     log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps)")
-    ran, seconds, sampler = run_command(["run", str(config), "cache.mode=cache"])
+    ran, seconds, sampler = run_command(["run", str(config), "cache.mode=cache"], address)
     rows.append({"command": "run", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
                  "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
                  "samples_per_s": round(steady_samples_per_s(ran), 1)})
     log(json.dumps(rows))
     return rows
+
+
+def stop_instance(temp_dir: Path) -> None:
+    """Stop the benchmark's own Ray instance by the ids of its processes (those started with its temp folder);
+    other Ray instances on the machine are left alone (``ray stop`` would end them all)."""
+    import psutil
+
+    from raydistill.pipeline.local_instance import _session_processes
+
+    procs = []
+    for pid in set(_session_processes(str(temp_dir))) - {os.getpid()}:
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,16 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if head.returncode != 0:
         raise SystemExit(f"ray start failed: {head.stderr}")
     address = re.search(r"--address='([^']+)'", head.stdout).group(1)
-    import ray
-
-    ray.init(address=address, log_to_driver=False)
     rows = []
     try:
         for n in args.sizes:
             rows.extend(measure(n, work / f"n{n}", names, teacher, address))
     finally:
-        ray.shutdown()
-        subprocess.run(["ray", "stop", f"--address={address}"], capture_output=True, env=env)
+        stop_instance(temp_dir)
     by = {(r["command"], r["images"]): r for r in rows}
     small, large = min(args.sizes), max(args.sizes)
     ratios = {}

@@ -4,7 +4,10 @@ By default this starts a local multi-node Ray cluster (``ray.cluster_utils.Clust
 per worker, each its own raylet) so that the workers really are on different nodes and all-reduce over
 gloo between processes. Each worker trains on ``--batch-size`` samples per step (weak scaling); total
 samples/s is reported per worker count with ``efficiency`` = rate(N) / (N x rate(1)) (with ``--workers`` not
-starting at 1: relative to the per-worker rate of the smallest count measured).
+starting at 1: relative to the per-worker rate of the smallest count measured). The rates are steady ones: every
+logging window but the first, as rank 0 measures them (the worker group's start, the dataset's start and the
+first batches come before); each row also gives ``end_to_end_samples_per_s`` over the whole ``fit`` and
+``startup_s``, its time less what its samples take at the steady rate (``benchmarks.common``).
 
 What a 2-core machine can and cannot show: the code path (placement over nodes, DDP, the gradient
 all-reduce, the sharded cache feed) is real, but N workers share the same two cores, so total samples/s
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     from benchmarks.teacher_throughput import teacher_spec
-    from raydistill.pipeline.runner import embed, prepare_local_ray_env, run_experiment
+    from raydistill.pipeline.ray_env import prepare_local_ray_env
+    from raydistill.pipeline.runner import embed, run_experiment
 
     cluster = None
     if args.address:
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             work = Path(tmp)
             spec = teacher_spec(args.teacher, args.device, work, args.image_size)
             size = args.image_size or (48 if args.teacher in ("demo", "tiny") else 224)
-            base = [f"data.synth.n_images={args.images}", f"data.decode_size={size}",
-                    f"student.preset={args.student}", f"train.steps={args.steps}", f"train.log_every={args.log_every}",
+            # `raydistill embed` caches the validation split too, which these runs never read.
+            base = [f"data.synth.n_images={args.images}", f"data.decode_size={size}", "data.val_split=null",
+                    *common.student_overrides(args.student), f"train.steps={args.steps}",
+                    f"train.log_every={args.log_every}",
                     f"train.checkpoint_every={args.steps}", f"train.batch_size={args.batch_size}",
                     f"train.cpus_per_worker={args.cpus_per_worker}", f"train.use_gpu={'yes' if gpu else 'no'}",
                     f"teacher.pool.num_gpus={1 if gpu else 0}", "cache.mode=cache", "teacher.pool.num_cpus=1"]
@@ -99,9 +105,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log(f"{n} worker(s): {args.steps} steps of {args.batch_size} per worker")
                 summary = run_experiment(common.run_config(spec, work, base + [f"train.num_workers={n}"]),
                                          train_callbacks=[common.ReportRecorder(reports)])
-                rate = common.steady_rate(common.read_reports(reports))
-                rows.append({"workers": n, "samples_per_s": rate, "steps": summary["steps"],
-                             "train_seconds": summary["train_seconds"]})
+                figures = common.train_rates(common.read_reports(reports), summary["steps"] * args.batch_size * n,
+                                             summary["train_seconds"])
+                rows.append({"workers": n, "samples_per_s": figures["steady_samples_per_s"], "steps": summary["steps"],
+                             "train_seconds": summary["train_seconds"],
+                             "end_to_end_samples_per_s": figures["end_to_end_samples_per_s"],
+                             "startup_s": figures["startup_s"]})
     finally:
         ray.shutdown()
         if cluster is not None:
@@ -111,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     note = ("local multi-node cluster on one machine: every worker shares the same CPU cores, so this shows "
             "that the distributed path works, not how it scales") if cluster is not None else "real cluster"
     out = common.result("scaling", config, rows=rows, note=note)
-    print(common.table(["workers", "samples/s (total)", "efficiency", "train s"],
-                       [[r["workers"], r["samples_per_s"], r["efficiency"], r["train_seconds"]] for r in rows]))
+    print(common.table(["workers", "steady samples/s (total)", "efficiency", "start-up s", "train s"],
+                       [[r["workers"], r["samples_per_s"], r["efficiency"], r["startup_s"], r["train_seconds"]]
+                        for r in rows]))
     print(note)
     common.write_result(out, args.out, args.tag)
     return out

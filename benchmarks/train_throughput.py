@@ -9,8 +9,18 @@ The teacher fills the embedding cache once (``raydistill embed``). Then:
   hand-written loop over the same student, DSMD objective, balancer and AdamW, with as many threads as the
   worker reserves CPUs (bf16 autocast on a GPU, as the worker).
 
-Both rates leave out the first logging window (start-up, first batches). ``ratio`` = Ray / plain (target
->= 0.9).
+Each side is reported three ways (``benchmarks.common``):
+
+- **steady** (``steady_samples_per_s``, also ``samples_per_s`` as before): every logging window but the
+  first (``--log-every`` steps), which holds the dataset's start and the first batches (and on a GPU the
+  first kernel launches): for Ray Train as the worker measures its windows, for the plain loop from the end
+  of its first ``--log-every`` steps to its last step;
+- **end to end** (``end_to_end_samples_per_s``): for Ray Train over the whole ``fit`` (the run's
+  ``train_seconds``: the worker group's start, the dataset's, training, the final checkpoint); for the plain
+  loop over reading, decoding and tokenising the cached rows and the whole loop, model built;
+- ``startup_s``: ``seconds`` less what the samples take at the steady rate.
+
+``ratio`` = Ray steady / plain steady (target >= 0.9); ``ratio_end_to_end`` the same on the end-to-end rates.
 
     python -m benchmarks.train_throughput                     # demo teacher and student on CPU
     python -m benchmarks.train_throughput --teacher beit3-large --student small --device cuda --tag gpu
@@ -40,14 +50,16 @@ def cached_rows(cfg: Any, cache_dir: str, tokenizer: Any, max_len: int) -> dict[
 
 
 def plain_loop(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int, warmup_steps: int,
-               device: str, threads: int) -> float:
-    """A hand-written PyTorch loop over in-memory tensors; samples/s after ``warmup_steps``."""
+               device: str, threads: int) -> dict[str, float]:
+    """A hand-written PyTorch loop over in-memory tensors: ``total_s`` (model built to last step) and the steady
+    window's ``window_samples`` and ``window_s`` (the steps after ``warmup_steps``)."""
     import torch
 
     from raydistill.method.balancers import make_balancer
     from raydistill.method.losses import DSMDObjective
     from raydistill.models.student import build_student
 
+    begin = time.perf_counter()
     torch.set_num_threads(threads)
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -93,7 +105,8 @@ def plain_loop(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, step
         objective.enqueue(t_img, t_txt, image_keys)
     if amp:
         torch.cuda.synchronize()
-    return (steps - warmup_steps) * batch / (time.perf_counter() - start)
+    end = time.perf_counter()
+    return {"total_s": end - begin, "window_samples": (steps - warmup_steps) * batch, "window_s": end - start}
 
 
 def fill_cache(cfg: Any) -> dict[str, Any]:
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.teacher_throughput import teacher_spec
     from raydistill.models.tokenizers import load_tokenizer
-    from raydistill.pipeline.runner import run_experiment, student_max_len
+    from raydistill.pipeline.runner import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -132,36 +145,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         size = args.image_size or (48 if args.teacher in ("demo", "tiny") else 224)
         gpu = args.device.startswith("cuda")
         cfg = common.run_config(spec, work, [
-            f"data.synth.n_images={args.images}", f"data.decode_size={size}", f"student.preset={args.student}",
-            f"train.steps={args.steps}", f"train.log_every={args.log_every}", f"train.checkpoint_every={args.steps}",
+            # `raydistill embed` caches the validation split too, which these runs never read.
+            f"data.synth.n_images={args.images}", f"data.decode_size={size}", "data.val_split=null",
+            *common.student_overrides(args.student), f"train.steps={args.steps}", f"train.log_every={args.log_every}",
+            f"train.checkpoint_every={args.steps}",
             f"train.batch_size={args.batch_size}", f"train.cpus_per_worker={args.cpus_per_worker}",
             f"train.use_gpu={'yes' if gpu else 'no'}", "cache.mode=cache", f"teacher.pool.batch_size={args.batch_size}",
-            f"teacher.pool.num_gpus={1 if gpu else 0}", f"teacher.pool.num_cpus={args.cpus_per_worker}",
+            f"teacher.infer_batch_size={args.batch_size}", f"teacher.pool.num_gpus={1 if gpu else 0}",
+            f"teacher.pool.num_cpus={args.cpus_per_worker}",
         ])
         common.start_ray(num_cpus=args.num_cpus, num_gpus=1 if gpu else None)
         cache = fill_cache(cfg)
         reports = work / "reports.jsonl"
         log(f"Ray Train, cache mode: {args.steps} steps of {args.batch_size}")
         summary = run_experiment(cfg, train_callbacks=[common.ReportRecorder(reports)])
-        ray_rate = common.steady_rate(common.read_reports(reports))
+        ray_train = common.train_rates(common.read_reports(reports), summary["steps"] * args.batch_size,
+                                       summary["train_seconds"])
         tokenizer = load_tokenizer(Path(summary["run_dir"]) / "tokenizer")
-        rows = cached_rows(cfg, cache["cache_dir"], tokenizer, student_max_len(cfg))
+        rows, prepare_s = common.timed(lambda: cached_rows(cfg, cache["cache_dir"], tokenizer,
+                                                           common.student_max_len(cfg)))
         log(f"plain PyTorch loop: {args.steps} steps over {len(rows['input_ids'])} in-memory rows")
         threads = max(1, int(args.cpus_per_worker))
-        plain_rate = plain_loop(cfg, rows, int(np.asarray(rows["t_img"]).shape[1]), len(tokenizer), args.steps,
-                                args.log_every, args.device, threads)
+        plain = plain_loop(cfg, rows, int(np.asarray(rows["t_img"]).shape[1]), len(tokenizer), args.steps,
+                           args.log_every, args.device, threads)
 
+    plain_seconds = prepare_s + plain["total_s"]
+    plain_steady = common.window_rate(plain["window_samples"], plain["window_s"], "the plain loop")
     figures = {
-        "ray_train": {"samples_per_s": ray_rate, "steps": summary["steps"]},
-        "plain": {"samples_per_s": plain_rate, "steps": args.steps},
-        "ratio": ray_rate / plain_rate,
+        "ray_train": {"samples_per_s": ray_train["steady_samples_per_s"], "steps": summary["steps"], **ray_train},
+        "plain": {"samples_per_s": plain_steady, "steps": args.steps, "samples": args.steps * args.batch_size,
+                  "seconds": plain_seconds, "prepare_s": prepare_s,
+                  **common.rates(args.steps * args.batch_size, plain_seconds, plain_steady, "samples")},
         "student_params": summary["student_params"],
         "cache_fill_s": cache["seconds"],
     }
+    figures["ratio"] = figures["ray_train"]["steady_samples_per_s"] / figures["plain"]["steady_samples_per_s"]
+    figures["ratio_end_to_end"] = (figures["ray_train"]["end_to_end_samples_per_s"]
+                                   / figures["plain"]["end_to_end_samples_per_s"])
     config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {"image_size": size}
     out = common.result("train_throughput", config, **figures)
-    print(common.table(["", "samples/s"], [["plain PyTorch", plain_rate], ["Ray Train (cache mode)", ray_rate],
-                                           ["ratio (Ray / plain)", figures["ratio"]]]))
+    print(common.table(
+        ["", "steady samples/s", "start-up s", "end-to-end samples/s", "seconds"],
+        [[name, f["steady_samples_per_s"], f["startup_s"], f["end_to_end_samples_per_s"], f["seconds"]]
+         for name, f in (("plain PyTorch", figures["plain"]), ("Ray Train (cache mode)", figures["ray_train"]))]
+        + [["ratio (Ray / plain)", figures["ratio"], None, figures["ratio_end_to_end"], None]]))
     common.write_result(out, args.out, args.tag)
     return out
 

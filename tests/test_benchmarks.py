@@ -2,8 +2,9 @@
 
 A tiny raydistill-format teacher and the `test` student on ~100 synthetic images; one local Ray instance for
 the module (the scaling benchmark starts its own multi-node cluster, so it runs last). No timing assertions:
-the figures are checked against each other (a ratio is the quotient of the rates it names, a rate is the
-counted items over the measured seconds), not against expectations of speed.
+the figures are checked against each other (a ratio is the quotient of the steady rates it names, a rate is
+the counted items over the measured seconds, start-up is the seconds beyond the items at the steady rate),
+not against expectations of speed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,41 @@ def _written(out: Path, name: str, returned: dict) -> dict:
     return data
 
 
+def _split_rates(figures: dict, unit: str, items: float) -> None:
+    """Steady, end-to-end and start-up figures of one measurement agree: seconds = start-up + items / steady."""
+    steady, end_to_end = figures[f"steady_{unit}_per_s"], figures[f"end_to_end_{unit}_per_s"]
+    assert steady > 0 and end_to_end > 0
+    assert math.isclose(end_to_end, items / figures["seconds"])
+    assert math.isclose(figures["startup_s"], figures["seconds"] - items / steady, abs_tol=1e-9)
+    if figures["startup_s"] > 0:
+        assert steady >= end_to_end
+
+
+def test_rates_split_a_measurement_into_startup_and_steady_state() -> None:
+    figures = common.rates(items=100, seconds=12.0, steady=10.0, unit="images")
+    assert figures == {"steady_images_per_s": 10.0, "end_to_end_images_per_s": 100 / 12, "startup_s": 2.0}
+    # The first window (start-up) is left out; the others are averaged over time: 2 / (1/20 + 1/30).
+    assert math.isclose(common.steady_rate([{"samples_per_s": 1.0}, {"samples_per_s": 20.0},
+                                            {"samples_per_s": 30.0}]), 24.0)
+    with pytest.raises(RuntimeError, match="two logging windows"):
+        common.steady_rate([{"samples_per_s": 1.0}])
+
+
+def test_pool_steady_window_starts_when_every_actor_has_finished_a_batch() -> None:
+    # Actor a finishes batches at 1, 2, 3, 4; actor b starts late and finishes its first at 2.5, then at 4.5.
+    calls = [{"time": t, "actor": "a", "teacher_seconds": 0.5} for t in (1.0, 2.0, 3.0, 4.0)] + [
+        {"time": t, "actor": "b", "teacher_seconds": 0.5} for t in (2.5, 4.5)]
+    # Without per-batch sizes every batch holds the mean: 6 batches of 60 images, 3 of them after t = 2.5.
+    window = common.pool_steady_window(calls, images=360, captions=1440)
+    assert window == {"images": 180, "captions": 720, "seconds": 2.0, "batches": 3}
+    # With sizes the window counts them.
+    sized = [dict(c, teacher_images_embedded=10 * k, teacher_captions_embedded=40 * k) for k, c in enumerate(calls)]
+    window = common.pool_steady_window(sized, images=150, captions=600)
+    assert (window["images"], window["captions"], window["batches"]) == (20 + 30 + 50, 80 + 120 + 200, 3)
+    with pytest.raises(RuntimeError, match="measure more batches"):
+        common.window_rate(0, 0.0, "one batch")
+
+
 def test_teacher_throughput(tmp_path: Path) -> None:
     out = teacher_throughput.main(["--teacher", "tiny", "--images", "64", "--batch-size", "16",
                                    "--cpus-per-actor", "1", "--out", str(tmp_path)])
@@ -53,8 +89,19 @@ def test_teacher_throughput(tmp_path: Path) -> None:
         figures = data[side]
         assert math.isclose(figures["images_per_s"], 64 / figures["seconds"])
         assert math.isclose(figures["captions_per_s"], n_captions / figures["seconds"])
-    assert math.isclose(data["ratio"], data["pipeline"]["images_per_s"] / data["plain"]["images_per_s"])
+        assert figures["images_per_s"] == figures["end_to_end_images_per_s"]
+        _split_rates(figures, "images", 64)
+        assert figures["steady_captions_per_s"] > 0 and figures["busy_images_per_s"] > 0
+    # Four batches on one actor: the steady window holds the three after the first.
+    assert data["pipeline"]["steady_batches"] == 3
+    assert math.isclose(data["ratio"], data["pipeline"]["steady_images_per_s"] / data["plain"]["steady_images_per_s"])
+    assert math.isclose(data["ratio_end_to_end"], data["pipeline"]["images_per_s"] / data["plain"]["images_per_s"])
     assert data["config"]["dim"] == 32 and data["config"]["image_size"] == 48
+    from benchmarks import report
+
+    md = report.render(tmp_path)
+    assert "| steady images/s | steady captions/s | start-up s | end-to-end images/s | seconds |" in md
+    assert "| **ratio** (pipeline / plain) |" in md
 
 
 def test_train_throughput(tmp_path: Path) -> None:
@@ -62,27 +109,62 @@ def test_train_throughput(tmp_path: Path) -> None:
                                  "--log-every", "4", "--batch-size", "16", "--cpus-per-worker", "1",
                                  "--out", str(tmp_path)])
     data = _written(tmp_path, "train_throughput", out)
-    assert data["ray_train"]["steps"] == 8 and data["plain"]["samples_per_s"] > 0
-    assert math.isclose(data["ratio"], data["ray_train"]["samples_per_s"] / data["plain"]["samples_per_s"])
+    assert data["ray_train"]["steps"] == 8 and data["plain"]["steps"] == 8
+    for side in ("ray_train", "plain"):
+        figures = data[side]
+        assert figures["samples"] == 8 * 16
+        assert figures["samples_per_s"] == figures["steady_samples_per_s"]
+        _split_rates(figures, "samples", 8 * 16)
+    assert 0 < data["plain"]["prepare_s"] < data["plain"]["seconds"]
+    assert math.isclose(data["ratio"],
+                        data["ray_train"]["steady_samples_per_s"] / data["plain"]["steady_samples_per_s"])
+    assert math.isclose(data["ratio_end_to_end"],
+                        data["ray_train"]["end_to_end_samples_per_s"] / data["plain"]["end_to_end_samples_per_s"])
     assert data["student_params"] > 0
+    from benchmarks import report
+
+    assert "| steady samples/s | start-up s | end-to-end samples/s | seconds |" in report.render(tmp_path)
 
 
 def test_pipeline(tmp_path: Path) -> None:
     out = pipeline.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--batch-size", "32",
                          "--epochs", "2", "--out", str(tmp_path)])
     data = _written(tmp_path, "pipeline", out)
-    assert math.isclose(data["t_stream_s"], data["no_cache"]["seconds"] / 2)
-    assert math.isclose(data["overlap_efficiency"],
-                        (data["t_teacher_s"] + data["t_student_s"]) / data["t_stream_s"])
-    assert math.isclose(data["cache_saving"], 1 - data["write_through"]["seconds"] / data["no_cache"]["seconds"])
-    # Without a cache the teacher embeds the training split again in epoch 2 (the run stops at its last
-    # full batch, so the tail of that epoch may never be pulled); with write-through only in epoch 1.
     records = common.synth_records(120, 48)
     train = sum(r["split"] == "train" for r in records)
     test = sum(r["split"] == "test" for r in records)
-    assert train + test < data["no_cache"]["teacher_images_embedded"] <= 2 * train + test
+    epoch = sum(len(r["captions"]) for r in records if r["split"] == "train") // 32
+    assert data["epoch_steps"] == epoch
+    teacher = data["teacher_alone"]
+    assert teacher["images"] == train
+    _split_rates(teacher, "images", train)
+    for run in ("student_alone", "no_cache", "write_through"):
+        assert data[run]["samples"] == 2 * epoch * 32
+        _split_rates(data[run], "samples", 2 * epoch * 32)
+    # Steady state: one epoch at each part's steady rate, and the overlap computed from those.
+    assert math.isclose(data["t_teacher_s"], train / teacher["steady_images_per_s"])
+    assert math.isclose(data["t_student_s"], epoch * 32 / data["student_alone"]["steady_samples_per_s"])
+    assert math.isclose(data["t_stream_s"], epoch * 32 / data["no_cache"]["steady_samples_per_s"])
+    assert math.isclose(data["overlap_efficiency"], (data["t_teacher_s"] + data["t_student_s"]) / data["t_stream_s"])
+    # End to end: whole runs, spread over the epochs.
+    e = data["end_to_end"]
+    assert (e["t_teacher_s"], e["t_student_s"]) == (teacher["seconds"], data["student_alone"]["seconds"] / 2)
+    assert math.isclose(e["t_stream_s"], data["no_cache"]["seconds"] / 2)
+    assert math.isclose(e["overlap_efficiency"], (e["t_teacher_s"] + e["t_student_s"]) / e["t_stream_s"])
+    assert math.isclose(data["cache_saving"], 1 - data["write_through"]["seconds"] / data["no_cache"]["seconds"])
+    assert math.isclose(data["cache_saving_steady"], 1 - data["no_cache"]["steady_samples_per_s"]
+                        / data["write_through"]["steady_samples_per_s"])
+    # Without a cache the teacher embeds the training split again in epoch 2 (the run stops at its last
+    # full batch, so the tail of that epoch may never be pulled); with write-through only in epoch 1.
+    embedded = data["no_cache"]["teacher_images_embedded"]
+    assert train + test < embedded <= 2 * train + test
     assert data["write_through"]["teacher_images_embedded"] == train + test
+    assert data["write_through"]["cache_hits"] == embedded - (train + test)
     assert 0 < data["write_through"]["cache_hits"] <= train
+    from benchmarks import report
+
+    md = report.render(tmp_path)
+    assert f"| {round(data['overlap_efficiency'], 3):,.3f} | {round(e['overlap_efficiency'], 3):,.3f} |" in md
 
 
 def test_quality(tmp_path: Path) -> None:
@@ -153,5 +235,7 @@ def test_scaling(tmp_path: Path) -> None:
                         "--steps", "6", "--log-every", "2", "--batch-size", "16", "--out", str(tmp_path)])
     data = _written(tmp_path, "scaling", out)
     assert [(r["workers"], r["steps"], r["efficiency"]) for r in data["rows"]] == [(2, 6, 1.0)]
-    assert data["rows"][0]["samples_per_s"] > 0
+    row = data["rows"][0]
+    _split_rates({"steady_samples_per_s": row["samples_per_s"], "seconds": row["train_seconds"],
+                  **{k: row[k] for k in ("end_to_end_samples_per_s", "startup_s")}}, "samples", 2 * 6 * 16)
     assert data["config"]["nodes"] == 3  # a head and one node per worker
