@@ -46,9 +46,19 @@ def _shutdown_ray() -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The command's config; a demo teacher it names is fitted first if none is yet (first use only)."""
     from raydistill.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    _ensure_demo_teacher(cfg)
+    return cfg
+
+
+def _ensure_demo_teacher(cfg) -> None:
+    if cfg.teacher.kind == "demo":
+        from raydistill.demo import ensure_demo_teacher
+
+        ensure_demo_teacher()
 
 
 def _recall_line(name: str, m: dict[str, float] | None, extra: str = "") -> str:
@@ -70,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.resume:
         # `raydistill run --resume RUN`: the run's own saved config says everything.
         cfg = load_run_config(find_run_dir(args.resume, None))
+        _ensure_demo_teacher(cfg)
     else:
         raise SystemExit("raydistill run: give a config file (configs/*.yaml), or --resume RUN")
     summary = run_experiment(cfg, resume=args.resume)

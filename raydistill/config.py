@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydistill.errors import UserError
+from raydistill.paths import is_uri
 
 __all__ = [
     "Config",
@@ -93,7 +94,7 @@ class DataConfig(_Section):
     max_pixels: int = Field(89_478_485, gt=0, description="Decompression-bomb limit (width x height).")
     limit_images: int | None = Field(None, gt=0, description="Use only the first N images of each split.")
     decode_cpus: float = Field(
-        0.5, gt=0, description="CPUs each decoding (and caption-row) Ray Data task reserves."
+        1.0, gt=0, description="CPUs each decoding (and caption-row) Ray Data task reserves."
     )
 
 
@@ -469,10 +470,6 @@ _PATH_KEYS = (
 )
 
 
-def _is_uri(value: str) -> bool:
-    return "://" in value
-
-
 def _resolve_paths(cfg: Config, base: Path, origin: str) -> Config:
     """Make relative local paths absolute against ``base`` (the config file's folder or the cwd).
 
@@ -484,7 +481,7 @@ def _resolve_paths(cfg: Config, base: Path, origin: str) -> Config:
         for k in keys[:-1]:
             node = getattr(node, k)
         value = getattr(node, keys[-1])
-        if not value or _is_uri(value):
+        if not value or is_uri(value):
             continue
         with _usable_path(origin, ".".join(keys), value):
             p = Path(os.path.expanduser(value))
@@ -498,7 +495,7 @@ def _resolve_paths(cfg: Config, base: Path, origin: str) -> Config:
     for name, split in cfg.data.coco_splits.items():
         for key in ("captions", "images"):
             value = getattr(split, key)
-            if not _is_uri(value):
+            if not is_uri(value):
                 with _usable_path(origin, f"data.coco_splits.{name}.{key}", value):
                     setattr(split, key, str((base / os.path.expanduser(value)).resolve()))
     return cfg
@@ -530,7 +527,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Pa
         raise ConfigError(_format_errors(err, origin, raw)) from None
     with _usable_path(origin, "output_dir", cfg.output_dir):
         out_dir = Path(os.path.expanduser(cfg.output_dir))
-        if not _is_uri(cfg.output_dir) and not out_dir.is_absolute():
+        if not is_uri(cfg.output_dir) and not out_dir.is_absolute():
             cfg.output_dir = str((Path.cwd() / out_dir).resolve())
     return _resolve_paths(cfg, base_dir or Path.cwd(), origin)
 

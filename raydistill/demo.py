@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import load_config
-from raydistill.demo_assets import config_path
+from raydistill.demo_assets import (
+    DEMO_TEACHER_CONFIG,
+    QUICK_TEACHER_OVERRIDES,
+    config_path,
+    demo_teacher_dir,
+    find_demo_teacher,
+)
+from raydistill.paths import publish_dir, raydistill_home
 from raydistill.pipeline.progress import LOG_PREFIX, log
 from raydistill.pipeline.runner import run_experiment
 
@@ -34,6 +41,31 @@ QUICK_STEPS = 10
 RAY_CPUS = 6  # logical CPUs of the demo's local instance: two Train workers of 2 CPUs, the teacher actor and tasks
 QUICK_RAY_CPUS = 4  # --quick: two Train workers of 1 CPU, the teacher actor and a decoding task
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_recall")
+
+
+def ensure_demo_teacher(quick: bool = False) -> Path:
+    """The demo teacher: the shipped checkpoint, a locally fitted one, or one fitted now (first use only).
+
+    Args:
+        quick: accept (and, if needed, fit) the smoke-test teacher of `raydistill demo --quick` when no full
+            demo teacher exists yet.
+    """
+    import os
+    import shutil
+
+    found = find_demo_teacher(quick)
+    if found is not None:
+        return found
+    target = demo_teacher_dir(quick)
+    log("fitting the demo teacher on the synthetic scenes (first use only; "
+        "`raydistill run configs/demo-teacher.yaml` does the same)")
+    overrides = [f"output_dir={raydistill_home() / 'demo-teacher-runs'}"] + (QUICK_TEACHER_OVERRIDES if quick else [])
+    summary = run_experiment(load_config(config_path(DEMO_TEACHER_CONFIG), overrides))
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(summary["student_dir"], tmp)
+    publish_dir(tmp, target)
+    return target
 
 
 def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
@@ -67,7 +99,6 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
     start = time.perf_counter()
     output_dir = str(Path(output_dir).resolve())
     n_seeds = seeds or 1
-    from raydistill.demo_assets import ensure_demo_teacher
     from raydistill.data.source import caption_files
     from raydistill.pipeline.ray_env import init_ray, warm_imports
 

@@ -5,16 +5,14 @@ ground-truth contrastive objective, by raydistill's own command::
 
     raydistill run configs/demo-teacher.yaml
 
-:func:`ensure_demo_teacher` runs exactly that on first use and keeps the exported model under
-``$RAYDISTILL_HOME/demo-teacher/<config hash>/``; later runs reuse it.
+:func:`find_demo_teacher` finds the shipped checkpoint or one fitted earlier under
+``$RAYDISTILL_HOME/demo-teacher/<config hash>/``; :func:`raydistill.demo.ensure_demo_teacher` fits one when
+there is none (the commands call it before a run whose ``teacher.kind`` is ``demo``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import sys
 from pathlib import Path
 
 from raydistill.paths import raydistill_home
@@ -61,35 +59,17 @@ def shipped_demo_teacher() -> Path | None:
     return SHIPPED_TEACHER
 
 
-def ensure_demo_teacher(quick: bool = False) -> Path:
-    """The demo teacher: the shipped checkpoint, a locally fitted one, or one fitted now (first use only).
+def find_demo_teacher(quick: bool = False) -> Path | None:
+    """The demo teacher for the current ``configs/demo-teacher.yaml``: the shipped checkpoint, or one fitted
+    here earlier (with ``quick``, also the smoke-test teacher of ``raydistill demo --quick``); None if none is.
 
-    Args:
-        quick: accept (and, if needed, fit) the smoke-test teacher of `raydistill demo --quick` when no full
-            demo teacher exists yet.
+    Fitting one is :func:`raydistill.demo.ensure_demo_teacher` (a training run: the commands do it, not the
+    pipeline, which only needs the files).
     """
     shipped = shipped_demo_teacher()
     if shipped is not None:
         return shipped
-    if (demo_teacher_dir() / "config.json").is_file():
-        return demo_teacher_dir()
-    target = demo_teacher_dir(quick)
-    if (target / "config.json").is_file():
-        return target
-    from raydistill.config import load_config
-    from raydistill.pipeline.runner import run_experiment
-
-    print("[raydistill] fitting the demo teacher on the synthetic scenes (first use only; "
-          "`raydistill run configs/demo-teacher.yaml` does the same)", file=sys.stderr, flush=True)
-    overrides = [f"output_dir={raydistill_home() / 'demo-teacher-runs'}"] + (QUICK_TEACHER_OVERRIDES if quick else [])
-    cfg = load_config(config_path(DEMO_TEACHER_CONFIG), overrides)
-    summary = run_experiment(cfg)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(summary["student_dir"], tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    for candidate in [demo_teacher_dir()] + ([demo_teacher_dir(quick=True)] if quick else []):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None

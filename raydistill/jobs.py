@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.errors import UserError
+from raydistill.paths import is_uri
 
 #: gitwildmatch patterns (relative to the working directory) that never travel with a job (Ray caps the upload
 #: at 512 MiB, and model weights belong on the nodes or in object storage). Patterns with a
@@ -321,7 +322,7 @@ def _relative_output_warning(config: Path, overrides: list[str]) -> str | None:
 
     raw = apply_overrides(yaml.safe_load(config.read_text(encoding="utf-8")) or {}, overrides)
     out = str(raw.get("output_dir") or "raydistill_runs")
-    if "://" in out or Path(os.path.expanduser(out)).is_absolute():
+    if is_uri(out) or Path(os.path.expanduser(out)).is_absolute():
         return None
     return (f"output_dir={out!r} is relative: on the cluster it resolves inside the job's temporary working "
             "directory; set output_dir to shared storage (s3://..., an NFS path) to keep runs and checkpoints")
@@ -506,7 +507,7 @@ def mlflow_server_command(store: Path, artifacts: str | None = None, host: str =
     store = Path(store).expanduser().resolve()
     backend = backend_store_uri or "sqlite:///" + (store / "mlflow.db").as_posix()
     artifacts = artifacts or (store / "artifacts").as_posix()
-    if "://" not in artifacts:
+    if not is_uri(artifacts):
         artifacts = Path(artifacts).expanduser().resolve().as_posix()
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
             "--artifacts-destination", artifacts, "--serve-artifacts",

@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Any
 
 
+def is_uri(value: str) -> bool:
+    """Whether ``value`` names an object-store (``s3://``, ``gs://``...) or ``file://`` URI, not a local path."""
+    return "://" in value
+
+
+def is_remote_uri(value: str) -> bool:
+    """Whether ``value`` names an object store (a URI other than ``file://``)."""
+    return is_uri(value) and not value.startswith("file://")
+
+
 def raydistill_home() -> Path:
     """``$RAYDISTILL_HOME``, default ``~/.cache/raydistill``: the synthetic dataset and fitted demo teachers."""
     return Path(os.environ.get("RAYDISTILL_HOME", Path.home() / ".cache" / "raydistill"))
@@ -29,6 +39,19 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def publish_dir(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` in place of ``target`` (a folder cannot be renamed over a non-empty one:
+    the old one is moved aside first, then removed)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

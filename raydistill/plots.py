@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from raydistill.paths import write_atomically
 
 # Formats matplotlib's Agg-based canvases can write; the suffix of the output path picks one.
 _FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
@@ -42,14 +43,7 @@ def save_figure(fig: Figure, out_path: str | os.PathLike[str], dpi: int = 120) -
     if fmt not in _FORMATS:
         raise ValueError(f"figure path {str(out)!r}: suffix must be one of {list(_FORMATS)}, got {out.suffix!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
     return out
 
 

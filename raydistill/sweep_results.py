@@ -16,13 +16,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from raydistill.plots import pareto_front, plot_pareto
+
+from raydistill.paths import write_text_atomically
 
 METRIC = "val_rsum"
 """The metric every trial reports to Tune and the sweep maximises: validation RSUM."""
@@ -145,14 +145,7 @@ def _round(value: Any, digits: int) -> float | None:
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, text)
     return path
 
 

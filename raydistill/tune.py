@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raydistill.pipeline.progress import log as progress_log
 from raydistill.config import Config, ConfigError, config_from_dict, dump_config, load_config
 from raydistill.search_space import SearchSpace, apply_values, check_trial_config, flatten_values, load_space
 from raydistill.sweep_results import (
@@ -79,8 +80,8 @@ class SweepInterrupted(SweepError):
 
 
 def log(message: str) -> None:
-    """Progress of the sweep (stderr, so ``--json`` keeps stdout for the result)."""
-    print(f"[raydistill tune] {message}", file=sys.stderr, flush=True)
+    """Progress of the sweep: :func:`raydistill.pipeline.progress.log` with a ``tune:`` prefix."""
+    progress_log(f"tune: {message}")
 
 
 # ------------------------------------------------------------------------------------------------ planning

@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,15 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from raydistill.pipeline.progress import log as progress_log
 from raydistill.config import Config, config_from_dict
 from raydistill.search_space import apply_values, check_trial_config, flatten_values
 from raydistill.sweep_results import COUNT_KEYS, METRIC, TIME_ATTR, TRIAL_CONFIG_TAG, TRIAL_ID_TAG
 
 
 def log(message: str) -> None:
-    """Progress of the sweep (stderr, so ``--json`` keeps stdout for the result)."""
-    print(f"[raydistill tune] {message}", file=sys.stderr, flush=True)
+    """Progress of the sweep: :func:`raydistill.pipeline.progress.log` with a ``tune:`` prefix."""
+    progress_log(f"tune: {message}")
 
 
 class ValidationReportCallback(TuneReportCallback):

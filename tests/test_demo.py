@@ -61,7 +61,8 @@ def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:
     (edit the config without refitting and this fails), and it loads as a teacher of the documented size."""
     import numpy as np
 
-    from raydistill.demo_assets import SHIPPED_TEACHER, demo_teacher_config_sha256, ensure_demo_teacher
+    from raydistill.demo import ensure_demo_teacher
+    from raydistill.demo_assets import SHIPPED_TEACHER, demo_teacher_config_sha256
     from raydistill.models.teachers import load_teacher
 
     source = json.loads((SHIPPED_TEACHER / "SOURCE.json").read_text())

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from raydistill.errors import UserError
+from raydistill.paths import is_uri
 
 #: Pillow's own default bomb limit (about 89.5 megapixels, a 9459 x 9459 image); used as our default too.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -55,7 +56,7 @@ def _local_path(uri: str | os.PathLike) -> str | None:
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file URI {text!r} names host {parsed.netloc!r}; only local file:// URIs are allowed")
         return url2pathname(unquote(parsed.path))
-    if "://" in text:
+    if is_uri(text):
         return None
     return text
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from raydistill.data.images import open_uri
 from raydistill.errors import UserError
+from raydistill.paths import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ class ReadStats:
 
 # --------------------------------------------------------------------------------------------------
 # text, JSON and files
-
-
-def is_uri(value: str) -> bool:
-    """Whether ``value`` names an object-store or ``file://`` URI rather than a local path."""
-    return "://" in value
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:

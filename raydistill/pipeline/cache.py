@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydistill.errors import UserError
+from raydistill.paths import is_remote_uri
 
 SCHEMA_VERSION = 2
 KEY_PARTS = ("schema_version", "teacher", "preprocessing", "dataset")
@@ -45,7 +46,7 @@ class CacheError(UserError, ValueError):
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     from pathlib import Path
 
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).resolve())
@@ -208,7 +209,7 @@ class EmbeddingCache:
 
     def _uris(self, paths: list[str]) -> list[str]:
         """Paths as Ray Data's readers accept them (the object store's scheme kept)."""
-        if "://" in self.uri and not self.uri.startswith("file://"):
+        if is_remote_uri(self.uri):
             scheme = self.uri.split("://", 1)[0]
             return [f"{scheme}://{p}" for p in paths]
         return paths

@@ -199,11 +199,12 @@ def _batch_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ passes
 def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]:
-    """Fill the cache for whole ``splits`` and finalise each: only the images it lacks reach the teacher.
+    """Fill the cache for whole ``splits`` in one teacher pass and finalise each: only the images the cache
+    lacks reach the teacher.
 
-    The source's rows are anti-joined with the split's cached ids (Ray Data's hash join), decoded at the
-    teacher's size, embedded by the actor pool and written as parts; what comes back to this process is one
-    count per batch. Splits already complete are skipped.
+    Each split's source rows are anti-joined with its cached ids (Ray Data's hash join) when it has some; the
+    splits' rows then go through one decode stage and one actor pool, and the embeddings are written as parts;
+    what comes back to this process is one count per batch. Splits already complete are skipped.
 
     Returns:
         Per split, the cache's ``images`` and ``captions`` (and ``duplicates_removed``).
@@ -215,21 +216,29 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     cache = teacher.cache
     done = cache.complete_splits()
     stats = {split: done[split] for split in splits if split in done}
-    for split in [s for s in dict.fromkeys(splits) if s not in done]:
+    todo = [s for s in dict.fromkeys(splits) if s not in done]
+    if not todo:
+        return stats
+    parts, resumed = [], set()
+    for split in todo:
         rows = source_dataset(cfg, [split])
         cached = cache.ids_dataset(split)
         if cached is not None:
             rows = rows.join(cached, join_type="left_anti", num_partitions=cfg.ray.shuffle_partitions, on=("image_id",))
-        log(f"teacher pass over split {split!r}: {plan.expected[split]['images']} images"
-            + (" (resuming a partial cache: only the missing ones)" if cached is not None else ""))
-        embedded = with_teacher(decoded(rows, cfg, {"image": cfg.data.decode_size}, plan.counters, count_bad=True),
-                                cfg, teacher, plan.counters, write_through=True)
-        since = int(plan.counters.get().get("teacher_images_embedded", 0))
-        with watch(f"teacher pass over {split!r}", plan.expected[split]["images"],
-                   counted(plan.counters, "teacher_images_embedded", since=since)):
-            for _ in embedded.map_batches(_batch_rows, batch_size=None).iter_batches(batch_size=None):
-                pass  # the rows are in the cache; what comes back is one count per batch
-        stats[split] = finalize_split(plan, split, first_pass=cached is None)
+            resumed.add(split)
+        parts.append(rows)
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    total = sum(plan.expected[s]["images"] for s in todo)
+    log(f"teacher pass over {', '.join(repr(s) for s in todo)}: {total} images"
+        + (f" (resuming {sorted(resumed)}: only what the cache lacks)" if resumed else ""))
+    embedded = with_teacher(decoded(rows, cfg, {"image": cfg.data.decode_size}, plan.counters, count_bad=True),
+                            cfg, teacher, plan.counters, write_through=True)
+    since = int(plan.counters.get().get("teacher_images_embedded", 0))
+    with watch("teacher pass", None if resumed else total, counted(plan.counters, "teacher_images_embedded", since=since)):
+        for _ in embedded.map_batches(_batch_rows, batch_size=None).iter_batches(batch_size=None):
+            pass  # the rows are in the cache; what comes back is one count per batch
+    for split in todo:
+        stats[split] = finalize_split(plan, split, first_pass=split not in resumed)
     return stats
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from raydistill.data.images import BadImageError, decode_image, resize_center_crop
+from raydistill.paths import is_remote_uri
 
 
 def stable_id(text: str) -> int:
@@ -54,7 +55,7 @@ def _fetch(sources: list[bytes | str | None]) -> list[bytes | str | None]:
 
     from raydistill.data.images import open_uri
 
-    remote = [k for k, s in enumerate(sources) if isinstance(s, str) and "://" in s and not s.startswith("file://")]
+    remote = [k for k, s in enumerate(sources) if isinstance(s, str) and is_remote_uri(s)]
     if len(remote) < 2:
         return sources
 

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from raydistill.config import Config, ConfigError, config_from_dict
+from raydistill.paths import is_uri
 
 RUN_RESULT = "result.json"
 RUN_CONFIG = "config.yaml"
@@ -76,7 +77,7 @@ def require_writable(folder: str, key: str) -> None:
     Raises:
         ConfigError: the folder cannot be created or written, with the reason.
     """
-    if "://" in folder:
+    if is_uri(folder):
         return
     path = Path(folder)
     probe = path / f".raydistill-write-probe-{uuid.uuid4().hex}"

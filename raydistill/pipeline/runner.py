@@ -33,7 +33,7 @@ from raydistill.pipeline.run_folder import (
     require_writable,
     train_storage,
 )
-from raydistill.paths import write_text_atomically
+from raydistill.paths import is_uri, publish_dir, write_text_atomically
 
 #: Images whose captions train a WordPiece vocabulary when ``student.tokenizer`` is null.
 TOKENIZER_SAMPLE_IMAGES = 50_000
@@ -99,7 +99,7 @@ def resolve_tokenizer(cfg: Config, run_dir: Path, side: TeacherSide | None) -> A
     tmp = run_dir / "tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(str(tmp))
-    os.replace(tmp, saved)
+    publish_dir(tmp, saved)
     return tok
 
 
@@ -159,7 +159,7 @@ def fit(cfg: Config, plan: DataPlan, run_name: str, run_dir: Path, tracker: Any,
             "mlflow": {"uri": tracker.tracking_uri, "experiment": cfg.tracking.experiment, "run_id": tracker.run_id,
                        "local_dir": str(run_dir / "tracking")} if tracker.run_id else None,
             "kill_worker_at": os.environ.get("RAYDISTILL_KILL_WORKER_AT"),
-            "checkpoint_root": None if "://" in storage else f"{storage}/{run_name}",
+            "checkpoint_root": None if is_uri(storage) else f"{storage}/{run_name}",
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,

@@ -21,9 +21,14 @@ def teacher_spec(cfg: Config) -> TeacherSpec:
     """The typed spec the teacher actors load (the demo teacher resolved to its files)."""
     t = cfg.teacher
     if t.kind == "demo":
-        from raydistill.demo_assets import ensure_demo_teacher
+        from raydistill.config import ConfigError
+        from raydistill.demo_assets import find_demo_teacher
 
-        return TeacherSpec(kind="raydistill", checkpoint=str(ensure_demo_teacher()), dtype=t.dtype, device=t.device,
+        found = find_demo_teacher(quick=True)
+        if found is None:
+            raise ConfigError("teacher.kind=demo: no demo teacher is fitted for the current configs/demo-teacher.yaml; "
+                              "`raydistill demo` fits one (or `raydistill run configs/demo-teacher.yaml`)")
+        return TeacherSpec(kind="raydistill", checkpoint=str(found), dtype=t.dtype, device=t.device,
                            batch_size=t.infer_batch_size)
     return TeacherSpec(kind=t.kind, checkpoint=t.checkpoint, tokenizer=t.tokenizer, size=t.size, arch=t.arch,
                        dtype=t.dtype, device=t.device, batch_size=t.infer_batch_size, max_len=t.max_len)
