@@ -1,11 +1,15 @@
-"""The student dual encoder: presets, outputs, tower weights, save/load, and image preprocessing."""
+"""The student dual encoder: presets, outputs, text pooling, tower weights, save/load, and image preprocessing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import timm
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers import BertConfig, BertForMaskedLM, BertModel, RobertaConfig, RobertaModel
 
 from real_data import LANDSCAPE_JPEG, PORTRAIT_JPEG
 from raydistill.models.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess_images
@@ -27,7 +31,10 @@ from raydistill.models.student import (
     load_text_weights,
     load_vision_weights,
     preset_names,
+    read_saved_config,
+    resolve_text_pooling,
     save_dual_encoder,
+    student_overrides,
 )
 from raydistill.models.tokenizers import build_wordpiece_tokenizer, encode_texts
 
@@ -54,18 +61,18 @@ def vit_parameters(image: int, patch: int, width: int, depth: int) -> int:
     return patch_embed + tokens + depth * block + 2 * width  # final LayerNorm
 
 
-def bert_parameters(hidden: int, layers: int, ffn: int, positions: int, vocab: int) -> int:
+def bert_parameters(hidden: int, layers: int, ffn: int, positions: int, vocab: int, pooler: bool) -> int:
     linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
     embeddings = (vocab + positions + 2) * hidden + 2 * hidden  # word, position, 2 segment; LayerNorm
     layer = 4 * linear(hidden, hidden) + 2 * hidden + linear(hidden, ffn) + linear(ffn, hidden) + 2 * hidden
-    return embeddings + layers * layer + linear(hidden, hidden)  # pooler
+    return embeddings + layers * layer + (linear(hidden, hidden) if pooler else 0)
 
 
-def expected_parameters(preset: str, embed_dim: int, vocab: int) -> int:
+def expected_parameters(preset: str, embed_dim: int, vocab: int, pooler: bool) -> int:
     (image, patch, width, depth), (hidden, layers, ffn, positions) = ARCHITECTURES[preset]
     heads = (width * embed_dim + embed_dim) + (hidden * embed_dim + embed_dim)
     vision = vit_parameters(image, patch, width, depth)
-    return vision + bert_parameters(hidden, layers, ffn, positions, vocab) + heads
+    return vision + bert_parameters(hidden, layers, ffn, positions, vocab, pooler) + heads
 
 
 def _inputs(model: DualEncoder, batch: int = 2, length: int = 7) -> tuple[torch.Tensor, ...]:
@@ -97,9 +104,12 @@ def test_preset_names_and_unknown_preset() -> None:
 
 @pytest.mark.parametrize("preset", ["base", "small", "tiny"])
 def test_large_presets_on_meta_device_have_the_reference_size(preset: str) -> None:
+    # With pretrained BERT (the reference) the student keeps BERT's pooler; built random, it has none.
     with torch.device("meta"):
-        model = build_student(preset, embed_dim=768, vocab_size=30522)
-    assert model.num_parameters() == expected_parameters(preset, 768, 30522)
+        model = build_student(preset, embed_dim=768, vocab_size=30522, text_pooling="pooler")
+        random_text = build_student(preset, embed_dim=768, vocab_size=30522)
+    assert model.num_parameters() == expected_parameters(preset, 768, 30522, pooler=True)
+    assert random_text.num_parameters() == expected_parameters(preset, 768, 30522, pooler=False)
     if preset == "base":
         # The DSMD reference student: ViT-B/16 (86 M) + BERT-base (109 M) + heads, about 197 M.
         assert abs(model.num_parameters() - 197e6) < 1e6
@@ -113,7 +123,7 @@ def test_large_presets_on_meta_device_have_the_reference_size(preset: str) -> No
 )
 def test_small_presets_build_and_embed(preset: str, embed_dim: int, vocab: int) -> None:
     model = build_student(preset, embed_dim=embed_dim, vocab_size=vocab).eval()
-    assert model.num_parameters() == expected_parameters(preset, embed_dim, vocab)
+    assert model.num_parameters() == expected_parameters(preset, embed_dim, vocab, pooler=False)
     pixels, ids, mask = _inputs(model)
     with torch.no_grad():
         img, txt = model(pixels, ids, mask)
@@ -131,7 +141,8 @@ def test_build_from_config_or_dict_with_overrides() -> None:
     from_dict = build_student(config.to_dict(), embed_dim=12, vocab_size=40, image_size=32, resize_size=36)
     for model in (from_config, from_dict):
         assert model.config == StudentConfig.from_dict(
-            {**config.to_dict(), "embed_dim": 12, "vocab_size": 40, "image_size": 32, "resize_size": 36}
+            {**config.to_dict(), "embed_dim": 12, "vocab_size": 40, "image_size": 32, "resize_size": 36,
+             "text_pooling": "cls"}
         )
         assert model.vision.patch_embed.img_size == (32, 32)
         assert model.text.embeddings.word_embeddings.num_embeddings == 40
@@ -160,7 +171,7 @@ def test_heads_are_xavier_normal_with_zero_bias() -> None:
 
 def test_text_pooling_pooler_and_cls() -> None:
     pixels, ids, mask = _inputs(build_student("test", embed_dim=8, vocab_size=40))
-    pooled = build_student("test", embed_dim=8, vocab_size=40).eval()
+    pooled = build_student("test", embed_dim=8, vocab_size=40, text_pooling="pooler").eval()
     assert pooled.uses_pooler
     with torch.no_grad():
         hidden = pooled.text(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -177,6 +188,58 @@ def test_text_pooling_pooler_and_cls() -> None:
         hidden = cls.text(input_ids=ids, attention_mask=mask).last_hidden_state
         reference = F.normalize(cls.text_proj(hidden[:, 0]), dim=-1)
         torch.testing.assert_close(cls.encode_text(ids, mask), reference)
+
+
+def test_text_pooling_follows_the_text_weights(tmp_path: Path) -> None:
+    assert resolve_text_pooling("auto", pretrained_text=True) == "pooler"
+    assert resolve_text_pooling("auto", pretrained_text=False) == "cls"
+    for explicit in ("pooler", "cls"):
+        assert resolve_text_pooling(explicit, True) == resolve_text_pooling(explicit, False) == explicit
+    with pytest.raises(ValueError, match="text_pooling must be one of"):
+        resolve_text_pooling("mean", False)
+
+    # Every preset says auto; built without text weights that is the CLS state, with no pooler parameters.
+    assert {config.text_pooling for config in PRESETS.values()} == {"auto"}
+    random_text = build_student("test", embed_dim=8, vocab_size=30)
+    assert random_text.config.text_pooling == "cls" and not random_text.uses_pooler
+    assert random_text.text.pooler is None
+    assert DualEncoder(dataclasses.replace(get_preset("test"), vocab_size=30)).config.text_pooling == "cls"
+    # With pretrained text weights: BERT's pooler, loaded from them.
+    BertModel(_tiny_bert_config()).save_pretrained(tmp_path / "bert")
+    pretrained = build_student("test", embed_dim=8, vocab_size=30, text_weights=tmp_path / "bert")
+    assert pretrained.config.text_pooling == "pooler" and pretrained.uses_pooler
+    # An explicit value wins either way.
+    assert build_student("test", embed_dim=8, vocab_size=30, text_pooling="pooler").uses_pooler
+    cls = build_student("test", embed_dim=8, vocab_size=30, text_weights=tmp_path / "bert", text_pooling="cls")
+    assert not cls.uses_pooler
+
+    # A run's `student:` section, as the training workers and the export read it: the same rule.
+    assert student_overrides({"text_pooling": "auto", "text_weights": None, "max_len": None}) == {"text_pooling": "cls"}
+    assert student_overrides({"text_pooling": "auto", "text_weights": "bert-base-uncased", "max_len": 30}) == {
+        "text_pooling": "pooler", "max_len": 30}
+    assert student_overrides({"text_pooling": "cls", "text_weights": "bert-base-uncased"}) == {"text_pooling": "cls"}
+    assert student_overrides({}) == {"text_pooling": "cls"}
+
+
+def test_saved_students_keep_their_resolved_pooling(tmp_path: Path) -> None:
+    BertModel(_tiny_bert_config()).save_pretrained(tmp_path / "bert")
+    ids = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0]])
+    mask = (ids != 0).long()
+    for name, weights, pooling in (("random", None, "cls"), ("pretrained", tmp_path / "bert", "pooler")):
+        model = build_student("test", embed_dim=8, vocab_size=30, text_weights=weights).eval()
+        saved = save_dual_encoder(model, tmp_path / name)
+        assert json.loads((saved / "config.json").read_text())["student"]["text_pooling"] == pooling
+        loaded, _, _ = load_dual_encoder(saved)
+        assert loaded.config == model.config and loaded.uses_pooler == (pooling == "pooler")
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_text(ids, mask), model.encode_text(ids, mask))
+    # A file without the key (none is written so, but one may be hand-made) meant the pooler.
+    config_path = tmp_path / "pretrained" / "config.json"
+    payload = json.loads(config_path.read_text())
+    del payload["student"]["text_pooling"]
+    config_path.write_text(json.dumps(payload))
+    assert read_saved_config(tmp_path / "pretrained")[0].text_pooling == "pooler"
+    assert load_dual_encoder(tmp_path / "pretrained")[0].uses_pooler
 
 
 def test_padding_does_not_change_the_text_embedding() -> None:
@@ -442,13 +505,14 @@ def test_text_weights_from_a_hugging_face_directory(tmp_path: Path) -> None:
         torch.testing.assert_close(
             model.encode_text(ids, mask), F.normalize(model.text_proj(expected.pooler_output), dim=-1)
         )
-    report = load_text_weights(build_student("test", embed_dim=8, vocab_size=30), tmp_path / "bert")
+    pooler_student = build_student("test", embed_dim=8, vocab_size=30, text_pooling="pooler")
+    report = load_text_weights(pooler_student, tmp_path / "bert")
     assert report.missing == report.unexpected == report.ignored == ()
 
     # A masked-LM checkpoint has no pooler: an error for a pooler student, fine for a CLS one.
     BertForMaskedLM(_tiny_bert_config()).save_pretrained(tmp_path / "mlm")
     with pytest.raises(ValueError, match=r"mlm does not match the text tower .*pooler\.dense"):
-        load_text_weights(build_student("test", embed_dim=8, vocab_size=30), tmp_path / "mlm")
+        load_text_weights(pooler_student, tmp_path / "mlm")
     cls_student = build_student("test", embed_dim=8, vocab_size=30, text_pooling="cls")
     report = load_text_weights(cls_student, tmp_path / "mlm")
     assert report.missing == () and any(key.startswith("cls.predictions") for key in report.ignored)
@@ -465,6 +529,88 @@ def test_text_weights_errors(tmp_path: Path) -> None:
     (tmp_path / "roberta" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
     with pytest.raises(ValueError, match="holds a 'roberta' model; the student's text tower is 'bert'"):
         load_text_weights(model, tmp_path / "roberta")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretrained towers by name, from the Hugging Face cache (offline)
+
+
+@pytest.fixture()
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Path], None]:
+    """An offline Hugging Face cache under ``tmp_path`` that timm and transformers read; returns ``put(repo, folder)``.
+
+    ``put`` lays the folder's files out as ``hf download`` leaves them: ``refs/main`` names a snapshot that
+    holds the files. No network is touched (``HF_HUB_OFFLINE``).
+    """
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo: str, folder: Path) -> None:
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        commit = "0" * 40
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text(commit)
+        snapshot = entry / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in folder.iterdir():
+            shutil.copy(file, snapshot / file.name)
+
+    return put
+
+
+def test_tower_weights_by_name_come_from_the_hugging_face_cache(
+    tmp_path: Path, hf_cache: Callable[[str, Path], None]
+) -> None:
+    # timm's ImageNet-21k ViT-Ti/16 (random values, its 21,843-class head included) where timm looks for it.
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=21843).eval()
+    (tmp_path / "vit").mkdir()
+    save_file(vit.state_dict(), str(tmp_path / "vit" / "model.safetensors"))
+    hf_cache("timm/vit_tiny_patch16_224.augreg_in21k", tmp_path / "vit")
+    bert = BertModel(_tiny_bert_config()).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    hf_cache("acme/tiny-bert", tmp_path / "bert")
+
+    model = build_student(
+        "test", embed_dim=8, vocab_size=30, vision_kwargs={}, image_size=224, resize_size=224,
+        vision_weights="vit_tiny_patch16_224.augreg_in21k", text_weights="acme/tiny-bert",
+    ).eval()
+    pixels = torch.randn(1, 3, 224, 224)
+    ids = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.equal(model.vision(pixels), vit.forward_head(vit.forward_features(pixels), pre_logits=True))
+        expected = bert(input_ids=ids, attention_mask=mask)
+        assert torch.equal(model.text(input_ids=ids, attention_mask=mask).pooler_output, expected.pooler_output)
+    assert model.config.text_pooling == "pooler"
+    report = load_vision_weights(model, "vit_tiny_patch16_224.augreg_in21k")
+    assert report.source == "vit_tiny_patch16_224.augreg_in21k" and report.missing == report.unexpected == ()
+    report = load_text_weights(model, "acme/tiny-bert")
+    assert report.source == "acme/tiny-bert" and report.missing == report.unexpected == report.ignored == ()
+
+    # Names that are not in the cache: the error says what to set.
+    with pytest.raises(ValueError, match=r"(?s)student\.vision_weights 'vit_small_patch16_224\.augreg_in21k': "
+                                         r"timm could not load.*hf download timm/vit_small_patch16_224\.augreg_in21k"
+                                         r".*HF_HUB_OFFLINE=1.*a local timm checkpoint file"):
+        load_vision_weights(model, "vit_small_patch16_224.augreg_in21k")
+    with pytest.raises(ValueError, match=r"student\.vision_weights 'vit_tiny_patch16_224\.no_such_tag'"):
+        load_vision_weights(model, "vit_tiny_patch16_224.no_such_tag")
+    with pytest.raises(ValueError, match=r"(?s)student\.text_weights 'acme/absent-bert' is no local folder.*"
+                                         r"hf download acme/absent-bert.*a local save_pretrained folder"):
+        load_text_weights(model, "acme/absent-bert")
+    # A cached model of another type.
+    RobertaModel(RobertaConfig(vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=40)).save_pretrained(tmp_path / "rob")
+    hf_cache("acme/tiny-roberta", tmp_path / "rob")
+    with pytest.raises(ValueError, match="tiny-roberta holds a 'roberta' model; the student's text tower is 'bert'"):
+        load_text_weights(model, "acme/tiny-roberta")
+    # A Path is always a path, and a string that is no name is a missing file, as before.
+    with pytest.raises(FileNotFoundError, match="vit_tiny_patch16_224.augreg_in21k"):
+        load_vision_weights(model, Path("vit_tiny_patch16_224.augreg_in21k"))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        load_vision_weights(model, str(tmp_path / "absent.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        load_text_weights(model, str(tmp_path / "absent"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 A ``DualEncoder`` is a timm ViT image tower (CLS token) and a transformers encoder text tower (BERT
 pooler output, or the CLS hidden state), each followed by a linear head to the teacher's embedding
-size ``d``; both outputs are L2-normalised (shared/method/DSMD.md, "Student"). The same class also
-serves as the CLIP-architecture teacher that the embedded demo fits, and any bigger dual encoder this
-project trains: the teacher adapter ``raydistill`` reads what ``save_dual_encoder`` writes.
+size ``d``; both outputs are L2-normalised (shared/method/DSMD.md, "Student"). The towers start from
+random weights or from pretrained ones: a timm checkpoint file or timm pretrained name for the image
+tower, a Hugging Face folder or hub name for the text tower (hub names come from the local Hugging
+Face cache when there is no network). The text pooling follows the text weights: BERT's pooler with
+pretrained weights (the reference), the CLS hidden state without (``resolve_text_pooling``). The
+same class also serves as the CLIP-architecture teacher that the embedded demo fits, and any bigger
+dual encoder this project trains: the teacher adapter ``raydistill`` reads what ``save_dual_encoder``
+writes.
 
 Saved format (a directory, written atomically)::
 
@@ -15,7 +20,9 @@ Saved format (a directory, written atomically)::
 
 Typical use::
 
-    model = build_student("small", embed_dim=768, vocab_size=tokenizer.vocab_size)
+    model = build_student("small", embed_dim=768, vocab_size=tokenizer.vocab_size,
+                          vision_weights="vit_small_patch16_224.augreg_in21k",
+                          text_weights="google/bert_uncased_L-4_H-512_A-8")
     img = model.encode_image(model.preprocess_images(uint8_images))
     save_dual_encoder(model, "out/student", tokenizer=tokenizer, extra={"step": 1000})
     model, tokenizer, extra = load_dual_encoder("out/student")
@@ -47,7 +54,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from raydistill.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, preprocess_images
-from raydistill.models.tokenizers import load_tokenizer
+from raydistill.models.tokenizers import _is_hub_name, load_tokenizer
 
 FORMAT_NAME = "raydistill.dual_encoder"
 FORMAT_VERSION = 1
@@ -56,6 +63,8 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 TEXT_POOLINGS = ("pooler", "cls")
+#: ``text_pooling`` value that ``build_student`` resolves to one of ``TEXT_POOLINGS`` (``resolve_text_pooling``).
+AUTO_POOLING = "auto"
 # timm arguments the DualEncoder fixes itself: the tower must end at the CLS feature.
 _RESERVED_VISION_KWARGS = ("num_classes", "global_pool", "pretrained")
 
@@ -72,7 +81,9 @@ class StudentConfig:
             (e.g. ``{"model_type": "bert", "hidden_size": 256, ...}``); ``vocab_size`` is set from the
             field below.
         text_pooling: ``"pooler"`` (BERT's pooler output, the reference) or ``"cls"`` (the CLS hidden
-            state; the pooler is then removed so that it holds no unused parameters).
+            state; the pooler is then removed so that it holds no unused parameters), or ``"auto"``
+            (the default): ``"pooler"`` when the text tower gets pretrained weights, ``"cls"`` when it
+            starts random (see ``resolve_text_pooling``). A built model's config holds the resolved value.
         image_size: Side of the square input image.
         resize_size: Shorter side is resized to this before the centre crop (256 for a 224 crop).
         max_len: Token length captions are padded/truncated to (30 in the reference).
@@ -86,7 +97,7 @@ class StudentConfig:
     vision: str = "vit_base_patch16_224"
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=lambda: {"model_type": "bert"})
-    text_pooling: str = "pooler"
+    text_pooling: str = AUTO_POOLING
     image_size: int = 224
     resize_size: int | None = 256
     max_len: int = 30
@@ -133,9 +144,9 @@ class StudentConfig:
                 f"student.text.vocab_size ({self.text['vocab_size']}) differs from student.vocab_size "
                 f"({self.vocab_size}); set vocab_size only"
             )
-        if self.text_pooling not in TEXT_POOLINGS:
+        if self.text_pooling not in (*TEXT_POOLINGS, AUTO_POOLING):
             raise ValueError(
-                f"student.text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}"
+                f"student.text_pooling must be one of {(*TEXT_POOLINGS, AUTO_POOLING)}, got {self.text_pooling!r}"
             )
         if self.resize_size is not None and (
             not isinstance(self.resize_size, int) or self.resize_size < self.image_size
@@ -242,6 +253,56 @@ def get_preset(name: str) -> StudentConfig:
     return copy.deepcopy(PRESETS[name])
 
 
+def resolve_text_pooling(text_pooling: str, pretrained_text: bool) -> str:
+    """The text pooling a student uses: an explicit ``"pooler"`` or ``"cls"`` as given; ``"auto"`` by the weights.
+
+    BERT's pooler (dense + tanh over the CLS state) is trained by BERT's next-sentence objective: with
+    pretrained text weights it is part of what the reference student starts from (DSMD.md), so ``auto``
+    keeps it. Without them it would be one more untrained layer, with a saturating non-linearity,
+    between the CLS state and the head that the head alone can learn, so ``auto`` uses the CLS hidden
+    state. Distilled and baseline students follow the same rule, so both arms stay the same network.
+
+    Args:
+        text_pooling: ``"auto"`` or one of ``TEXT_POOLINGS``.
+        pretrained_text: Whether the text tower is loaded from pretrained weights.
+
+    Returns:
+        One of ``TEXT_POOLINGS``.
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if text_pooling == AUTO_POOLING:
+        return "pooler" if pretrained_text else "cls"
+    if text_pooling not in TEXT_POOLINGS:
+        raise ValueError(
+            f"student.text_pooling must be one of {(*TEXT_POOLINGS, AUTO_POOLING)}, got {text_pooling!r}"
+        )
+    return text_pooling
+
+
+def student_overrides(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``build_student`` overrides a run's ``student:`` config section sets, with the pooling resolved.
+
+    Wherever a run's student is built (the training workers, the export of their checkpoint), build it
+    with these, so that the network trained, exported and reloaded is the same one.
+
+    Args:
+        section: The ``student:`` section as a dict (``Config.student.model_dump()``): ``max_len``,
+            ``text_pooling`` and ``text_weights`` are read; absent keys take their defaults.
+
+    Returns:
+        ``{"text_pooling": ...}`` plus ``{"max_len": ...}`` when the section sets it.
+    """
+    pretrained_text = bool(section.get("text_weights"))
+    overrides: dict[str, Any] = {
+        "text_pooling": resolve_text_pooling(section.get("text_pooling") or AUTO_POOLING, pretrained_text)
+    }
+    if section.get("max_len"):
+        overrides["max_len"] = section["max_len"]
+    return overrides
+
+
 def _build_vision_tower(config: StudentConfig) -> nn.Module:
     kwargs = {"img_size": config.image_size, **config.vision_kwargs}
     try:
@@ -309,6 +370,9 @@ class DualEncoder(nn.Module):
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__()
+        # Both towers start random here (weights are loaded afterwards, by build_student), so "auto"
+        # means the CLS state; the resolved value is what save_dual_encoder writes.
+        config = dataclasses.replace(config, text_pooling=resolve_text_pooling(config.text_pooling, False))
         self.config = config
         self.vision = _build_vision_tower(config)
         self.text = _build_text_tower(config)
@@ -411,7 +475,7 @@ class DualEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pretrained tower weights from local files
+# Pretrained tower weights: local files, or names that timm and transformers load themselves
 
 
 @dataclass(frozen=True)
@@ -419,14 +483,14 @@ class WeightsReport:
     """What loading tower weights did.
 
     Attributes:
-        source: The file or directory read.
+        source: The file or directory read, or the timm / Hugging Face name loaded.
         loaded: Number of tensors copied into the model.
         missing: Model keys the checkpoint lacked (left as initialised).
         unexpected: Checkpoint keys the model has no place for (not loaded).
         ignored: Checkpoint keys dropped on purpose (classification heads, an unused pooler).
     """
 
-    source: Path
+    source: Path | str
     loaded: int
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
@@ -478,7 +542,7 @@ def _select_submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, 
 def _load_into(
     module: nn.Module,
     state: dict[str, torch.Tensor],
-    source: Path,
+    source: Path | str,
     ignored: list[str],
     strict: bool,
     what: str,
@@ -512,10 +576,51 @@ def _load_into(
     )
 
 
-def load_vision_weights(model: DualEncoder, path: str | Path, strict: bool = True) -> WeightsReport:
-    """Load a timm ViT checkpoint into the image tower.
+def _is_timm_name(path: str | Path) -> bool:
+    """Whether ``path`` names timm pretrained weights rather than a file: a string that is no existing
+    path and is a timm model name (``vit_base_patch16_224.augreg_in21k``) or an ``hf-hub:`` name."""
+    if not isinstance(path, str) or Path(path).expanduser().exists():
+        return False
+    return path.startswith("hf-hub:") or timm.is_model(path)
 
-    Accepts ``.safetensors`` or torch state-dict files (``.pth``, ``.pt``, ``.bin``; loaded with
+
+def _offline_hint(setting: str, repo: str, local: str) -> str:
+    """What to do when a hub name cannot be loaded: the same advice for both towers."""
+    return (
+        f"Without network the files must already be in the Hugging Face cache (under $HF_HOME, default "
+        f"~/.cache/huggingface): fetch them once where there is network (`hf download {repo}`, or any run "
+        f"with the same {setting}) and set HF_HUB_OFFLINE=1 to skip the download attempts; "
+        f"or set {setting} to {local}."
+    )
+
+
+def _timm_pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """The image-tower state of timm's pretrained ``name``, loaded by timm (cache first when offline)."""
+    try:
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id or name
+    except (RuntimeError, AttributeError):  # unknown tag, or no pretrained config at all
+        repo = name
+    try:
+        # num_classes=0: timm drops the classifier (ImageNet-21k's 21,843 classes), which has no place here.
+        donor = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as error:  # timm's download path raises OSError, RuntimeError, hub and HTTP errors alike
+        raise ValueError(
+            f"student.vision_weights {name!r}: timm could not load these pretrained weights "
+            f"({type(error).__name__}: {error}). "
+            + _offline_hint("student.vision_weights", repo, "a local timm checkpoint file (.safetensors / .pth)")
+        ) from error
+    return donor.state_dict()
+
+
+def load_vision_weights(model: DualEncoder, path: str | Path, strict: bool = True) -> WeightsReport:
+    """Load a timm ViT checkpoint, or timm's pretrained weights by name, into the image tower.
+
+    A string that is no existing path and is a timm model name with its pretrained tag (e.g.
+    ``"vit_base_patch16_224.augreg_in21k"``, the ImageNet-21k ViT-B/16 of DSMD.md) or an
+    ``"hf-hub:org/name"`` is loaded by timm itself (``timm.create_model(name, pretrained=True)``):
+    from the Hugging Face cache when it is there, else downloaded.
+
+    Files: ``.safetensors`` or torch state-dict files (``.pth``, ``.pt``, ``.bin``; loaded with
     ``weights_only=True``), plain or nested under ``state_dict`` / ``model``, with ``module.`` /
     ``_orig_mod.`` / ``model.`` prefixes, or a whole saved DualEncoder's ``model.safetensors``. timm's
     own ViT checkpoint filter runs first: it resamples position embeddings (and patch embeddings)
@@ -524,7 +629,7 @@ def load_vision_weights(model: DualEncoder, path: str | Path, strict: bool = Tru
 
     Args:
         model: The dual encoder to fill.
-        path: The checkpoint file.
+        path: The checkpoint file, or a timm pretrained name (a string).
         strict: Fail when keys are missing or unexpected (after ignoring the head); when False,
             load what matches and report the rest.
 
@@ -532,11 +637,17 @@ def load_vision_weights(model: DualEncoder, path: str | Path, strict: bool = Tru
         A ``WeightsReport``.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, shape mismatches, or (strict) missing/unexpected keys.
+        FileNotFoundError: no such file (and not a timm name).
+        ValueError: unreadable file, a name timm cannot load (offline and not cached, unknown tag),
+            shape mismatches, or (strict) missing/unexpected keys.
     """
-    source = Path(path)
-    state = _select_submodule(_strip_wrappers(_read_state_dict(source)), "vision.")
+    source: Path | str
+    if _is_timm_name(path):
+        source = str(path)
+        state = _timm_pretrained_state(source)
+    else:
+        source = Path(path)
+        state = _select_submodule(_strip_wrappers(_read_state_dict(source)), "vision.")
     if isinstance(model.vision, timm_vit.VisionTransformer):
         state = timm_vit.checkpoint_filter_fn(state, model.vision)
     own = model.vision.state_dict()
@@ -546,49 +657,80 @@ def load_vision_weights(model: DualEncoder, path: str | Path, strict: bool = Tru
     return _load_into(model.vision, state, source, ignored, strict, f"vision tower {model.config.vision!r}")
 
 
-def load_text_weights(model: DualEncoder, hf_dir: str | Path, strict: bool = True) -> WeightsReport:
-    """Load a Hugging Face model directory (``save_pretrained`` output) into the text tower.
+def _local_text_model(source: Path, expected_type: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in a ``save_pretrained`` directory, after checking its ``model_type``."""
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"text weights: {config_path} not found (expected a save_pretrained directory, or a "
+            "Hugging Face hub name such as bert-base-uncased)"
+        )
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if model_type != expected_type:
+        raise ValueError(f"{source} holds a {model_type!r} model; the student's text tower is {expected_type!r}")
+    try:
+        return AutoModel.from_pretrained(str(source), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"could not load the text model in {source}: {error}") from error
 
-    The directory may hold the bare encoder (``BertModel``) or a model with a task head
-    (``BertForMaskedLM``...); transformers strips the head and the ``bert.`` prefix. Its
-    ``model_type`` and tensor shapes must match the student's text config (``vocab_size`` included).
-    Pooler weights are ignored when the student uses ``text_pooling="cls"``; a checkpoint without a
-    pooler is a missing-key error for a pooler student (its pooler would stay random).
+
+def _hub_text_model(name: str, expected_type: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a Hugging Face hub name gives (cache first when offline), after checking its type."""
+    hint = _offline_hint("student.text_weights", name, "a local save_pretrained folder")
+    try:
+        hf_config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"student.text_weights {name!r} is no local folder, and transformers could not load it by name "
+            f"({type(error).__name__}: {error}). {hint}"
+        ) from error
+    if hf_config.model_type != expected_type:
+        raise ValueError(
+            f"{name} holds a {hf_config.model_type!r} model; the student's text tower is {expected_type!r}"
+        )
+    try:
+        return AutoModel.from_pretrained(name, config=hf_config, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"could not load the text model {name!r}: {error}. {hint}") from error
+
+
+def load_text_weights(model: DualEncoder, hf_dir: str | Path, strict: bool = True) -> WeightsReport:
+    """Load a Hugging Face model (a ``save_pretrained`` directory or a hub name) into the text tower.
+
+    A string that is no existing path and looks like a hub name (``"bert-base-uncased"``,
+    ``"google/bert_uncased_L-4_H-512_A-8"``) is loaded by transformers itself
+    (``AutoModel.from_pretrained``): from the Hugging Face cache when it is there, else downloaded.
+    The model may be the bare encoder (``BertModel``) or one with a task head (``BertForMaskedLM``...);
+    transformers strips the head and the ``bert.`` prefix. Its ``model_type`` and tensor shapes must
+    match the student's text config (``vocab_size`` included). Pooler weights are ignored when the
+    student uses ``text_pooling="cls"``; a checkpoint without a pooler is a missing-key error for a
+    pooler student (its pooler would stay random).
 
     Args:
         model: The dual encoder to fill.
-        hf_dir: Directory with ``config.json`` and the weights.
+        hf_dir: Directory with ``config.json`` and the weights, or a hub name (a string).
         strict: Fail when keys are missing or unexpected; when False, load what matches.
 
     Returns:
         A ``WeightsReport``.
 
     Raises:
-        FileNotFoundError: no such directory or no ``config.json`` in it.
-        ValueError: another model type, unreadable weights, shape mismatches, or (strict)
-            missing/unexpected keys.
+        FileNotFoundError: no such directory (and not a hub name), or no ``config.json`` in it.
+        ValueError: another model type, unreadable weights, a name transformers cannot load (offline
+            and not cached, unknown name), shape mismatches, or (strict) missing/unexpected keys.
     """
-    source = Path(hf_dir)
-    config_path = source / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"text weights: {config_path} not found (expected a save_pretrained directory)"
-        )
-    try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
     expected_type = model.config.text["model_type"]
-    if model_type != expected_type:
-        raise ValueError(
-            f"{source} holds a {model_type!r} model; the student's text tower is {expected_type!r}"
-        )
-    try:
-        pretrained, info = AutoModel.from_pretrained(
-            str(source), local_files_only=True, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"could not load the text model in {source}: {error}") from error
+    source: Path | str
+    # The tokenizer loader's test for a hub name: a name means the same in student.tokenizer and here.
+    if isinstance(hf_dir, str) and not Path(hf_dir).expanduser().exists() and _is_hub_name(hf_dir):
+        source = hf_dir
+        pretrained, info = _hub_text_model(hf_dir, expected_type)
+    else:
+        source = Path(hf_dir)
+        pretrained, info = _local_text_model(source, expected_type)
     state = pretrained.state_dict()
     # Keys transformers had to initialise itself are not in the checkpoint: report them as missing.
     for key in info.get("missing_keys", ()):
@@ -627,21 +769,30 @@ def build_student(
     text_weights: str | Path | None = None,
     **overrides: Any,
 ) -> DualEncoder:
-    """Build a dual encoder from a preset or config, without any download.
+    """Build a dual encoder from a preset or config, with pretrained tower weights if given.
+
+    Nothing is downloaded unless a tower's weights are given as a hub name that is not in the local
+    Hugging Face cache. ``text_pooling="auto"`` (the presets' value) becomes ``"pooler"`` when
+    ``text_weights`` is given and ``"cls"`` when it is not (``resolve_text_pooling``); an explicit
+    value is kept. The model's config holds the resolved value, so a saved model reloads identically.
 
     Args:
         preset_or_config: A preset name (see ``preset_names()``), a ``StudentConfig`` or its dict.
         embed_dim: Output dimension: the teacher's embedding size.
         vocab_size: The tokenizer's vocabulary size.
-        vision_weights: Optional timm checkpoint file for the image tower (``load_vision_weights``).
-        text_weights: Optional Hugging Face model directory for the text tower (``load_text_weights``).
+        vision_weights: Optional image-tower weights: a timm checkpoint file or a timm pretrained
+            name such as ``"vit_base_patch16_224.augreg_in21k"`` (``load_vision_weights``).
+        text_weights: Optional text-tower weights: a Hugging Face model directory or a hub name such
+            as ``"bert-base-uncased"`` (``load_text_weights``).
         **overrides: Any other ``StudentConfig`` field, e.g. ``image_size=384`` or ``text_pooling="cls"``.
 
     Returns:
         The model, randomly initialised apart from the given tower weights, in training mode.
 
     Raises:
-        ValueError: unknown preset or field, invalid value, or weights that do not fit.
+        FileNotFoundError: a weights path that does not exist (and is not a hub name).
+        ValueError: unknown preset or field, invalid value, weights that do not fit, or a hub name
+            that cannot be loaded (the message says what to set).
     """
     config = _resolve_config(preset_or_config)
     allowed = [f.name for f in dataclasses.fields(StudentConfig)]
@@ -649,7 +800,8 @@ def build_student(
     if unknown:
         raise ValueError(f"unknown student setting(s) {unknown}; allowed: {allowed}")
     config = dataclasses.replace(config, embed_dim=embed_dim, vocab_size=vocab_size, **overrides)
-    model = DualEncoder(config)
+    pooling = resolve_text_pooling(config.text_pooling, pretrained_text=text_weights is not None)
+    model = DualEncoder(dataclasses.replace(config, text_pooling=pooling))
     if vision_weights is not None:
         load_vision_weights(model, vision_weights)
     if text_weights is not None:
@@ -757,8 +909,12 @@ def read_saved_config(path: str | Path) -> tuple[StudentConfig, dict[str, Any]]:
         )
     if not isinstance(payload.get("student"), dict):
         raise ValueError(f"{config_path}: missing the 'student' config")
+    student = dict(payload["student"])
+    # "auto" became the default after version 1 files were written; those always carry their
+    # pooling, and one without the key meant the default of the time, the pooler.
+    student.setdefault("text_pooling", "pooler")
     try:
-        config = StudentConfig.from_dict(payload["student"])
+        config = StudentConfig.from_dict(student)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: invalid student config: {error}") from error
     extra = payload.get("extra") or {}

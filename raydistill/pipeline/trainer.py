@@ -3,12 +3,13 @@
 :class:`Trainer` is what a Ray Train worker (``train_loop``) and the benchmarks without Ray drive: it builds
 the student and the objective from the config, takes one step on a caption-level batch, and saves or
 restores everything needed to resume exactly (student, optimizer, scheduler, objective with its
-teacher-embedding queues, balancer, step, epoch, position in the epoch, RNG).
+teacher-embedding queues, balancer, step, epoch, position in the epoch, the CPU and CUDA RNGs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -41,16 +42,27 @@ def lr_lambda(schedule: str, total: int, warmup: int, step_decay_at: float):
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every random generator a step draws from: torch's CPU one, Python's, NumPy's, and CUDA's when present."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
     state["numpy"] = torch.from_numpy(np.random.get_state()[1].astype(np.int64))
     state["numpy_pos"] = int(np.random.get_state()[2])
+    if torch.cuda.is_available():
+        # Dropout in a model on the GPU draws from the CUDA generators: an exact resume continues them too.
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore what ``_rng_state`` saved; a state without CUDA generators leaves those as they are."""
+    # Trainer.restore maps the checkpoint onto the training device; the generators take CPU byte tensors.
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        # A checkpoint written where more GPUs were visible restores the generators this process has.
+        for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -89,26 +101,31 @@ class Trainer:
         vocab_size: the tokenizer's vocabulary size.
         planned_steps: total optimizer steps.
         device: where to train.
+        wrap_model: optional function wrapping the student for training (e.g. DDP's ``prepare_model``).
+
+    Attributes:
+        step: Batches trained on, skipped fp16 steps included (the position in the data).
+        skipped_steps: fp16 steps whose update the gradient scaler skipped (inf/NaN gradients): they
+            moved neither the learning-rate schedule, the balancer nor the teacher-embedding queues.
     """
 
     def __init__(self, cfg: dict[str, Any], embed_dim: int, vocab_size: int, planned_steps: int, device: torch.device,
                  wrap_model=None) -> None:
         from raydistill.method import balancers, losses
-        from raydistill.models.student import build_student
+        from raydistill.models.student import build_student, student_overrides
 
         self.cfg = cfg
         self.device = device
         self.planned_steps = planned_steps
         train, distill = cfg["train"], cfg["distill"]
         torch.manual_seed(train["seed"])
-        overrides = {"max_len": cfg["student"]["max_len"]} if cfg["student"].get("max_len") else {}
         model = build_student(
             cfg["student"]["preset"],
             embed_dim=embed_dim,
             vocab_size=vocab_size,
             vision_weights=cfg["student"].get("vision_weights"),
             text_weights=cfg["student"].get("text_weights"),
-            **overrides,
+            **student_overrides(cfg["student"]),
         ).to(device)
         self.raw_model = model
         self.model = wrap_model(model) if wrap_model else model
@@ -137,6 +154,7 @@ class Trainer:
             [{"params": [p for p in self.model.parameters() if p.requires_grad]},
              {"params": self.extra_params, "weight_decay": 0.0}],
             lr=train["lr"],
+            betas=(0.9, train["adam_beta2"]),
             weight_decay=train["weight_decay"],
         )
         warmup = int(train["warmup_fraction"] * planned_steps)
@@ -147,8 +165,9 @@ class Trainer:
         if amp == "auto":
             amp = "bf16" if device.type == "cuda" else "off"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.step = 0
+        self.skipped_steps = 0
         self.epoch = 0
         # The step at which the current epoch began: a resumed worker skips the batches of this epoch that
         # were trained on before the checkpoint (step - epoch_start_step), so epochs keep their length.
@@ -166,6 +185,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "epoch_start_step": self.epoch_start_step,
+            "skipped_steps": self.skipped_steps,
             "rng": _rng_state(),
         }
 
@@ -179,6 +199,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         # Checkpoints written before this field existed: skip nothing on resume.
         self.epoch_start_step = int(state.get("epoch_start_step", self.step))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         _set_rng_state(state["rng"])
 
     def save(self, directory: Path) -> None:
@@ -202,7 +223,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- step
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on a caption-level batch; returns losses, weights and the learning rate."""
+        """One optimizer step on a caption-level batch; returns losses, weights and the learning rate.
+
+        Under fp16 the gradient scaler skips the update when the gradients hold inf or NaN; such a step
+        counts as a batch (``step``) and in ``skipped_steps`` (returned as ``amp/skipped_steps``), and
+        leaves the schedule, the balancer's state and the queues as they were.
+        """
         self.model.train()
         pixels = self.raw_model.preprocess_images(batch["pixels"]).to(self.device, non_blocking=True)
         input_ids = batch["input_ids"].to(self.device)
@@ -217,6 +243,9 @@ class Trainer:
             terms = self.objective(s_img, s_txt, t_img, t_txt, image_ids)
         else:
             terms = self.objective(s_img, s_txt, image_ids)
+        # The balancer updates its state (previous losses, step) as it weighs: keep a copy to put back
+        # if the scaler skips this update.
+        balancer_before = copy.deepcopy(self.balancer.state_dict()) if self.scaler is not None else None
         total, weights = self.balancer(terms)
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = None
@@ -229,14 +258,22 @@ class Trainer:
         clip = self.cfg["train"]["grad_clip"]
         if clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        skipped = False
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips optimizer.step() when the gradients hold inf/NaN
             self.scaler.update()
+            # The standard test for that skip: update() lowers the scale after one, and only then.
+            skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
-        if self.distill:
-            self.objective.enqueue(t_img, t_txt, image_ids)
+        if skipped:
+            self.balancer.load_state_dict(balancer_before)
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()
+            if self.distill:
+                self.objective.enqueue(t_img, t_txt, image_ids)
         self.step += 1
         out = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
         out.update({f"weight/{k}": float(v) for k, v in weights.items()})
@@ -244,6 +281,8 @@ class Trainer:
         out["lr"] = self.scheduler.get_last_lr()[0]
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
+        if self.scaler is not None:
+            out["amp/skipped_steps"] = float(self.skipped_steps)
         return out
 
 
