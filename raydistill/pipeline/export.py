@@ -14,10 +14,11 @@ from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE
 
 def build_student_for(cfg: Config, embed_dim: int, vocab_size: int):
     """The run's student architecture, randomly initialised (weights come from a checkpoint)."""
-    from raydistill.models.student import build_student
+    from raydistill.models.student import build_student, student_overrides
 
-    overrides = {"max_len": cfg.student.max_len} if cfg.student.max_len else {}
-    return build_student(cfg.student.preset, embed_dim=embed_dim, vocab_size=vocab_size, **overrides)
+    # The same overrides as the training workers (pooling resolved): the exported network is the trained one.
+    return build_student(cfg.student.preset, embed_dim=embed_dim, vocab_size=vocab_size,
+                         **student_overrides(cfg.student.model_dump()))
 
 
 def export_student(checkpoint_dir: Path, cfg: Config, embed_dim: int, tokenizer: Any, out_dir: Path,
