@@ -196,10 +196,11 @@ class StudentConfig(_Section):
         description="tiny/small/base: train without pretrained towers on purpose (a tower without weights starts "
         "random). Without it those presets need vision_weights and text_weights.",
     )
-    text_pooling: Literal["auto", "pooler", "cls"] = Field(
+    text_pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
         "auto",
-        description="Text feature fed to the head: BERT's pooler output or the CLS hidden state; auto: the pooler "
-        "with text_weights, the CLS state without (a random pooler is an untrained extra layer).",
+        description="Text feature fed to the head: BERT's pooler output, the CLS hidden state, or the mean of the "
+        "tokens' final states; auto: the pooler with text_weights, the CLS state without (a random pooler is an "
+        "untrained extra layer).",
     )
     max_len: int | None = Field(None, gt=2, description="Caption tokens (default: the preset's).")
     embed_dim: int | None = Field(

@@ -4,8 +4,8 @@ Ray exports ``ray.util.metrics`` gauges on each node's Prometheus endpoint as ``
 Grafana panels (or any Prometheus) graph them. The pipeline's other metrics are exported where they are
 counted (:data:`EXPORTED_METRICS` lists them all, with the module that owns each):
 
-* :mod:`raydistill.pipeline.counters`: counters of images and captions the teacher embedded, cache hits and
-  misses, bad images (``rate()`` of these gives cluster-wide rates over any window);
+* :mod:`raydistill.pipeline.counters`: counters of images and captions the teacher embedded, images decoded,
+  bad images (``rate()`` of these gives cluster-wide rates over any window);
 * :mod:`raydistill.pipeline.live_metrics`: rank-0 training gauges (each loss term and balancer weight,
   samples/s, step time);
 * this module: :class:`TeacherThroughput`, a teacher actor's own rate over the last ``window_s`` seconds, so a
@@ -34,8 +34,7 @@ EXPORTED_METRICS: dict[str, str] = {
     "ray_raydistill_teacher_images_embedded_total": "raydistill.pipeline.counters",
     "ray_raydistill_teacher_captions_embedded_total": "raydistill.pipeline.counters",
     "ray_raydistill_teacher_seconds_total": "raydistill.pipeline.counters",
-    "ray_raydistill_cache_hits_total": "raydistill.pipeline.counters",
-    "ray_raydistill_cache_misses_total": "raydistill.pipeline.counters",
+    "ray_raydistill_images_decoded_total": "raydistill.pipeline.counters",
     "ray_raydistill_bad_images_total": "raydistill.pipeline.counters",
     "ray_raydistill_train_loss_<term>": "raydistill.pipeline.live_metrics",
     "ray_raydistill_train_weight_<term>": "raydistill.pipeline.live_metrics",
@@ -94,7 +93,7 @@ class TeacherThroughput:
         """Add one batch's work, update the gauges and return the rates (``images_per_s``, ``captions_per_s``).
 
         Args:
-            images: images the teacher embedded in this batch (cache hits excluded).
+            images: images the teacher embedded in this batch.
             captions: captions it embedded.
             seconds: how long the batch took; it ended now.
         """

@@ -311,7 +311,7 @@ def test_teacher_actors_on_teacher_node_workers_on_student_node_and_metrics_expo
     everywhere = set().union(*map(set, result["metrics_by_node"].values()))
     expected = {
         "ray_raydistill_teacher_images_embedded_total", "ray_raydistill_teacher_captions_embedded_total",
-        "ray_raydistill_cache_misses_total",
+        "ray_raydistill_images_decoded_total",
         "ray_raydistill_train_samples_per_s", "ray_raydistill_train_step_time_s",
         *(f"ray_raydistill_train_loss_{term}" for term in ("feature", "cosine", "contrastive", "hard_negative")),
         *(f"ray_raydistill_train_weight_{term}" for term in ("feature", "cosine", "contrastive", "hard_negative")),

@@ -189,14 +189,23 @@ def test_text_pooling_pooler_and_cls() -> None:
         reference = F.normalize(cls.text_proj(hidden[:, 0]), dim=-1)
         torch.testing.assert_close(cls.encode_text(ids, mask), reference)
 
+    mean = build_student("test", embed_dim=8, vocab_size=40, text_pooling="mean").eval()
+    assert not mean.uses_pooler and mean.text.pooler is None
+    with torch.no_grad():
+        hidden = mean.text(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Row 0 has 4 real tokens, row 1 all 7: each averaged over its own.
+        averages = torch.stack([hidden[0, :4].mean(0), hidden[1].mean(0)])
+        reference = F.normalize(mean.text_proj(averages), dim=-1)
+        torch.testing.assert_close(mean.encode_text(ids, mask), reference)
+
 
 def test_text_pooling_follows_the_text_weights(tmp_path: Path) -> None:
     assert resolve_text_pooling("auto", pretrained_text=True) == "pooler"
     assert resolve_text_pooling("auto", pretrained_text=False) == "cls"
-    for explicit in ("pooler", "cls"):
+    for explicit in ("pooler", "cls", "mean"):
         assert resolve_text_pooling(explicit, True) == resolve_text_pooling(explicit, False) == explicit
     with pytest.raises(ValueError, match="text_pooling must be one of"):
-        resolve_text_pooling("mean", False)
+        resolve_text_pooling("max", False)
 
     # Every preset says auto; built without text weights that is the CLS state, with no pooler parameters.
     assert {config.text_pooling for config in PRESETS.values()} == {"auto"}
@@ -242,8 +251,9 @@ def test_saved_students_keep_their_resolved_pooling(tmp_path: Path) -> None:
     assert load_dual_encoder(tmp_path / "pretrained")[0].uses_pooler
 
 
-def test_padding_does_not_change_the_text_embedding() -> None:
-    model = build_student("test", embed_dim=8, vocab_size=40).eval()
+@pytest.mark.parametrize("pooling", ["pooler", "cls", "mean"])
+def test_padding_does_not_change_the_text_embedding(pooling: str) -> None:
+    model = build_student("test", embed_dim=8, vocab_size=40, text_pooling=pooling).eval()
     ids = torch.tensor([[2, 7, 9, 3]])
     padded = torch.tensor([[2, 7, 9, 3, 0, 0, 0]])
     with torch.no_grad():
@@ -258,7 +268,7 @@ def test_config_round_trip_and_validation() -> None:
     with pytest.raises(ValueError, match=r"unknown student config key\(s\) \['colour'\]"):
         StudentConfig.from_dict({**config.to_dict(), "colour": "red"})
     bad = {
-        "text_pooling": ("mean", "text_pooling must be one of"),
+        "text_pooling": ("max", "text_pooling must be one of"),
         "resize_size": (32, "resize_size must be an int >= image_size"),
         "embed_dim": (0, "embed_dim must be a positive int"),
         "interpolation": ("nearest", "interpolation must be one of"),

@@ -84,8 +84,9 @@ def test_text_pooling_and_adam_beta2_keys() -> None:
     assert cfg.student.text_pooling == "auto" and cfg.train.adam_beta2 == 0.999
     cfg = config_from_dict({"student": {"text_pooling": "pooler"}, "train": {"adam_beta2": 0.98}})
     assert cfg.student.text_pooling == "pooler" and cfg.train.adam_beta2 == 0.98
-    with pytest.raises(ConfigError, match=r"student.text_pooling = 'mean': Input should be 'auto', 'pooler' or 'cls'"):
-        config_from_dict({"student": {"text_pooling": "mean"}})
+    with pytest.raises(ConfigError, match=r"student.text_pooling = 'max': Input should be 'auto', 'pooler', 'cls' or "
+                                          r"'mean'"):
+        config_from_dict({"student": {"text_pooling": "max"}})
     for bad in (1.0, 0):
         with pytest.raises(ConfigError, match=rf"train.adam_beta2 = {bad}"):
             config_from_dict({"train": {"adam_beta2": bad}})

@@ -157,26 +157,27 @@ def _one_node(cpus: float, gpus: float = 0, **custom: float) -> Capacity:
 
 
 def test_default_max_concurrent_counts_what_one_trial_needs():
-    cfg = load_config(QUICK, ["train.eval_every=10"])
+    cfg = load_config(QUICK, ["train.eval_every=10", "data.decode_cpus=0.5"])
     # One trial: 1 CPU driver + 1 worker x (1 CPU + data.decode_cpus 0.5 for its Ray Data tasks) = 2.5 CPUs.
     assert default_max_concurrent(cfg, _one_node(8), trials=10) == 3  # 8 // 2.5
     assert default_max_concurrent(cfg, _one_node(8), trials=2) == 2  # never more than the sweep's trials
     assert default_max_concurrent(cfg, _one_node(2), trials=4) == 1  # never below one
     assert default_max_concurrent(load_config(QUICK, ["data.decode_cpus=1"]), _one_node(9), trials=9) == 3  # 9 // 3
-    wide = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=2"])
+    wide = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=2", "data.decode_cpus=0.5"])
     assert default_max_concurrent(wide, _one_node(16), trials=9) == 2  # 16 // (1 + 2 x (2 + 0.5))
     assert default_max_concurrent(wide, _one_node(64, gpus=3), trials=9) == 1  # 3 GPUs // 2 GPU workers
-    assert default_max_concurrent(load_config(QUICK, ["train.use_gpu='no'"]), _one_node(10, gpus=1), trials=9) == 4
+    assert default_max_concurrent(load_config(QUICK, ["train.use_gpu='no'", "data.decode_cpus=0.5"]), _one_node(10, gpus=1), trials=9) == 4
     # The teacher pool's GPU no longer counts: 4 GPUs hold 4 one-GPU trials.
-    gpu_pool = load_config(QUICK, ["teacher.pool.num_gpus=1", "teacher.pool.resources={teacher_gpu: 1}"])
+    gpu_pool = load_config(QUICK, ["teacher.pool.num_gpus=1", "teacher.pool.resources={teacher_gpu: 1}",
+                                     "data.decode_cpus=0.5"])
     assert default_max_concurrent(gpu_pool, _one_node(64, gpus=4, teacher_gpu=1), trials=9) == 4
     # Custom resources of the workers count: 3 student_gpu units hold one 2-worker trial.
-    custom = load_config(QUICK, ["train.num_workers=2", "train.resources_per_worker={student_gpu: 1}"])
+    custom = load_config(QUICK, ["train.num_workers=2", "train.resources_per_worker={student_gpu: 1}", "data.decode_cpus=0.5"])
     assert default_max_concurrent(custom, _one_node(64, gpus=8, student_gpu=3), trials=9) == 1
 
 
 def test_default_max_concurrent_places_each_worker_on_one_node():
-    cfg = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=3"])
+    cfg = load_config(QUICK, ["train.num_workers=2", "train.cpus_per_worker=3", "data.decode_cpus=0.5"])
     # Four 4-CPU nodes: 16 CPUs would cover two trials of 1 + 2 x 3.5 = 8 CPUs, but each node holds one 3-CPU
     # worker: 4 worker slots, 2 trials; three 5-CPU nodes hold 3 workers: 1 trial (15 CPUs would fit one too).
     assert default_max_concurrent(cfg, Capacity([NodeType("n", {"CPU": 4}, 4)], "t"), trials=9) == 2

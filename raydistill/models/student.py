@@ -1,7 +1,7 @@
 """The student dual encoder: its config and size presets, building, tower weights, save and load.
 
 A ``DualEncoder`` is a timm ViT image tower (CLS token) and a transformers encoder text tower (BERT
-pooler output, or the CLS hidden state), each followed by a linear head to the teacher's embedding
+pooler output, the CLS hidden state, or the mean of the token states), each followed by a linear head to the teacher's embedding
 size ``d``; both outputs are L2-normalised (shared/method/DSMD.md, "Student"). The towers start from
 random weights or from pretrained ones: a timm checkpoint file or timm pretrained name for the image
 tower, a Hugging Face folder or hub name for the text tower (hub names come from the local Hugging
@@ -62,7 +62,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
-TEXT_POOLINGS = ("pooler", "cls")
+TEXT_POOLINGS = ("pooler", "cls", "mean")
 #: ``text_pooling`` value that ``build_student`` resolves to one of ``TEXT_POOLINGS`` (``resolve_text_pooling``).
 AUTO_POOLING = "auto"
 # timm arguments the DualEncoder fixes itself: the tower must end at the CLS feature.
@@ -80,10 +80,11 @@ class StudentConfig:
         text: A transformers config for an encoder-only text model, as a dict with ``model_type``
             (e.g. ``{"model_type": "bert", "hidden_size": 256, ...}``); ``vocab_size`` is set from the
             field below.
-        text_pooling: ``"pooler"`` (BERT's pooler output, the reference) or ``"cls"`` (the CLS hidden
-            state; the pooler is then removed so that it holds no unused parameters), or ``"auto"``
-            (the default): ``"pooler"`` when the text tower gets pretrained weights, ``"cls"`` when it
-            starts random (see ``resolve_text_pooling``). A built model's config holds the resolved value.
+        text_pooling: ``"pooler"`` (BERT's pooler output, the reference), ``"cls"`` (the CLS hidden
+            state) or ``"mean"`` (the mean of the real tokens' final states; with either of these the
+            pooler is removed so that it holds no unused parameters), or ``"auto"`` (the default):
+            ``"pooler"`` when the text tower gets pretrained weights, ``"cls"`` when it starts random
+            (see ``resolve_text_pooling``). A built model's config holds the resolved value.
         image_size: Side of the square input image.
         resize_size: Shorter side is resized to this before the centre crop (256 for a 224 crop).
         max_len: Token length captions are padded/truncated to (30 in the reference).
@@ -254,7 +255,7 @@ def get_preset(name: str) -> StudentConfig:
 
 
 def resolve_text_pooling(text_pooling: str, pretrained_text: bool) -> str:
-    """The text pooling a student uses: an explicit ``"pooler"`` or ``"cls"`` as given; ``"auto"`` by the weights.
+    """The text pooling a student uses: an explicit one of ``TEXT_POOLINGS`` as given; ``"auto"`` by the weights.
 
     BERT's pooler (dense + tanh over the CLS state) is trained by BERT's next-sentence objective: with
     pretrained text weights it is part of what the reference student starts from (DSMD.md), so ``auto``
@@ -334,7 +335,7 @@ def _build_text_tower(config: StudentConfig) -> nn.Module:
             f"student.text.max_position_embeddings ({positions}) is smaller than student.max_len "
             f"({config.max_len})"
         )
-    if config.text_pooling == "cls" and getattr(model, "pooler", None) is not None:
+    if config.text_pooling != "pooler" and getattr(model, "pooler", None) is not None:
         # An unused pooler would hold parameters without gradients, which DDP rejects.
         model.pooler = None
     return model
@@ -445,7 +446,14 @@ class DualEncoder(nn.Module):
                 "the tokenizer does not match the model"
             )
         output = self.text(input_ids=input_ids, attention_mask=attention_mask)
-        pooled = output.pooler_output if self.uses_pooler else output.last_hidden_state[:, 0]
+        if self.uses_pooler:
+            pooled = output.pooler_output
+        elif self.config.text_pooling == "mean":
+            # Padding positions carry states too: average over the real tokens only.
+            weights = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+            pooled = (output.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = output.last_hidden_state[:, 0]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def forward(

@@ -23,6 +23,8 @@ MAX_BAD_FILES = 10_000
 #: Bad image files named on stderr as they are found (all of the first MAX_BAD_FILES go to the artifact).
 LOGGED_BAD_FILES = 20
 BAD_FILES_ARTIFACT = "bad_images.txt"
+#: The totals exported to the Ray dashboard's Prometheus endpoint (as ``ray_raydistill_<name>_total``).
+EXPORTED = ("teacher_images_embedded", "teacher_captions_embedded", "teacher_seconds", "images_decoded", "bad_images")
 
 
 @ray.remote(num_cpus=0)
@@ -60,6 +62,8 @@ class _CountersActor:
         return dict(self.totals)
 
     def _export(self, key: str, value: float) -> None:
+        if key not in EXPORTED:
+            return  # per-split bookkeeping (id hashes, split counts) is not a dashboard metric
         try:
             from ray.util.metrics import Counter
 

@@ -2,7 +2,7 @@
 
 Names appear as ``ray_raydistill_train_<metric>`` (e.g. ``ray_raydistill_train_loss_contrastive``,
 ``ray_raydistill_train_weight_cosine``, ``ray_raydistill_train_samples_per_s``), tagged with the run name.
-The teacher side's counters (images, captions, cache hits and misses) are exported by
+The teacher side's counters (images and captions embedded, images decoded, bad images) are exported by
 :mod:`raydistill.pipeline.counters`.
 """
 

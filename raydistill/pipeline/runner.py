@@ -285,6 +285,8 @@ def run_experiment(cfg: Config, resume: str | None = None, tags: dict[str, str] 
         summary = run_summary(cfg, plan, run_name, run_dir, tracker, result, out, steps, model, metrics,
                               train_seconds, train_counts, train_cache, counters)
         summary["best_step"] = best_step
+        # The whole run's history (the exported checkpoint's ends at its own step when it is the best one).
+        history = out.get("history") or history
         summary["history"] = [h for h in history if "val_rsum" in h]
         log_results(tracker, summary, history, run_dir, counters)
     # The MLflow run exists by now even if the store was down when the run started (created on replay).
