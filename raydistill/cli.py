@@ -7,10 +7,13 @@ progress and logs go to standard error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
+
+from raydistill import commands
+from raydistill.jobs import DEFAULT_DASHBOARD_PORT
+from raydistill.sweep.driver import SCHEDULERS
 
 # Quiet, deterministic defaults before Ray or MLflow are imported anywhere.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -20,126 +23,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.flush()
-    print(json.dumps(obj, default=_json_default), flush=True)
-
-
-def _json_default(value: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(value)
-
-
-def _shutdown_ray() -> None:
-    try:
-        from raydistill.pipeline.ray_env import shutdown_ray
-
-        shutdown_ray()
-    except Exception:  # noqa: BLE001 - shutting down is best effort
-        pass
-
-
-def _load(args: argparse.Namespace):
-    """The command's config; a demo teacher it names is fitted first if none is yet (first use only)."""
-    from raydistill.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    _ensure_demo_teacher(cfg)
-    return cfg
-
-
-def _ensure_demo_teacher(cfg) -> None:
-    if cfg.teacher.kind == "demo":
-        from raydistill.demo import ensure_demo_teacher
-
-        ensure_demo_teacher()
-
-
-def _recall_line(name: str, m: dict[str, float] | None, extra: str = "") -> str:
-    if not m:
-        return f"{name:<26} {'-':>6}"
-    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-    return f"{name:<26} " + " ".join(f"{m[k]:6.1f}" for k in keys) + extra
-
-
 RECALL_HEADER = f"{'model':<26} " + " ".join(f"{k:>6}" for k in ("I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM"))
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from raydistill.pipeline.run_folder import find_run_dir, load_run_config
-    from raydistill.pipeline.runner import run_experiment
-
-    if args.config and args.config.endswith((".yaml", ".yml")):
-        cfg = _load(args)
-    elif args.resume:
-        # `raydistill run --resume RUN`: the run's own saved config says everything.
-        cfg = load_run_config(find_run_dir(args.resume, None))
-        _ensure_demo_teacher(cfg)
-    else:
-        raise SystemExit("raydistill run: give a config file (configs/*.yaml), or --resume RUN")
-    summary = run_experiment(cfg, resume=args.resume)
-    _shutdown_ray()
-    print(RECALL_HEADER, file=sys.stderr)
-    print(_recall_line("teacher", summary["metrics"]["teacher"]), file=sys.stderr)
-    print(_recall_line(f"student ({summary['student_params'] / 1e6:.2f} M)", summary["metrics"]["student"]), file=sys.stderr)
-    print(f"student saved to {summary['student_dir']}", file=sys.stderr)
-    print(f"compare runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", file=sys.stderr)
-    if args.json:
-        _print_json(summary)
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from raydistill.pipeline.runner import embed
-
-    summary = embed(_load(args))
-    _shutdown_ray()
-    for split, s in summary["splits"].items():
-        print(f"{split}: {s['images']} images, {s['captions']} captions cached", file=sys.stderr)
-    print(f"cache: {summary['cache_dir']}", file=sys.stderr)
-    if args.json:
-        _print_json(summary)
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from raydistill.pipeline.evaluate_cmd import evaluate_command
-
-    summary = evaluate_command(_load(args), student=args.student, teacher=args.teacher, split=args.split)
-    _shutdown_ray()
-    print(RECALL_HEADER, file=sys.stderr)
-    for name, m in summary["metrics"].items():
-        print(_recall_line(name, m), file=sys.stderr)
-    if args.json:
-        _print_json(summary)
-    return 0
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    from raydistill.data.synth import generate_scenes
-
-    path = generate_scenes(args.out, n_images=args.n_images, image_size=args.image_size, seed=args.seed,
-                           captions_per_image=(args.min_captions, args.max_captions))
-    print(f"wrote {path} (images in {path.parent / 'images'})", file=sys.stderr)
-    if args.json:
-        _print_json({"dataset": str(path), "images_dir": str(path.parent / "images")})
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from raydistill.demo import run_demo
-
-    summary = run_demo(quick=args.quick, output_dir=args.output_dir, seeds=args.seeds)
-    _shutdown_ray()
-    if args.json:
-        _print_json(summary)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,23 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per student arm (default: 1; 2 for the spread)")
     p.add_argument("--output-dir", default="raydistill_runs/demo", help="where runs and the MLflow store go")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
     p = sub.add_parser("run", help="train a student: teacher -> cache/stream -> Ray Train -> eval -> MLflow")
     with_config(p, optional=True)
     p.add_argument("--resume", metavar="RUN", help="continue a run (its name or folder) from its last checkpoint")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=commands.cmd_run)
 
     p = sub.add_parser("embed", help="fill (or resume) the teacher-embedding cache")
     with_config(p)
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=commands.cmd_embed)
 
     p = sub.add_parser("eval", help="retrieval recall of a saved student and/or the teacher")
     with_config(p)
     p.add_argument("--student", help="a student folder saved by raydistill (run_dir/student)")
     p.add_argument("--teacher", action="store_true", help="also evaluate the config's teacher")
     p.add_argument("--split", help="split to evaluate (default data.test_split)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -188,22 +72,116 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-captions", type=int, default=5)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_data_synth)
+    s.set_defaults(func=commands.cmd_data_synth)
 
-    _add_optional_commands(sub)
+    _add_sweep_commands(sub)
+    _add_cluster_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub: Any) -> None:
-    """Commands whose modules register themselves (tune, compare, submit, jobs, mlflow-server)."""
-    for module in ("raydistill.tune", "raydistill.jobs"):
-        try:
-            mod = __import__(module, fromlist=["register_cli"])
-        except ImportError:
-            continue
-        register = getattr(mod, "register_cli", None)
-        if register is not None:
-            register(sub)
+def _add_sweep_commands(subparsers: Any) -> None:
+    """Add ``tune`` and ``compare`` to the ``raydistill`` command."""
+    p = subparsers.add_parser("tune", help="search students with Ray Tune (teacher cache filled once; MLflow sweep)")
+    p.add_argument("config", help="experiment YAML every trial starts from (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.eval_every=20")
+    p.add_argument("--space", required=True, help="search-space YAML (see tune_spaces/)")
+    p.add_argument("--samples", type=int, default=None, help="Tune num_samples (default: the space's 'samples')")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="asha (default) stops weak trials early; fifo runs every trial to the end")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="M",
+                   help="trials at once. Default: as many as fit in what the cluster can scale to, not only what is "
+                        "up now: the node types and max_workers its autoscaler reports to Ray (or, on the head of a "
+                        "`ray up` cluster, its ~/ray_bootstrap_config.yaml), else the nodes up now (a fixed or local "
+                        "instance). One trial counts 1 CPU for its driver, train.num_workers worker bundles "
+                        "(train.cpus_per_worker CPUs, a GPU each on GPUs, train.resources_per_worker) that must each "
+                        "fit one node, and data.decode_cpus per worker left free for its Ray Data tasks; "
+                        "never more than the sweep's trials")
+    p.add_argument("--resume", metavar="SWEEP",
+                   help="continue an interrupted sweep (its name or folder, as printed when it started) with the "
+                        "config and space it started with: finished trials keep their results, the others continue, "
+                        "into the same MLflow parent run")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(func=commands.cmd_tune)
+
+    p = subparsers.add_parser("compare", help="a sweep's trials from MLflow: sorted, Pareto sets marked")
+    p.add_argument("config", nargs="?", help="the sweep's config (gives the tracking URI and experiment)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of that config")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, or $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the config's, or 'raydistill')")
+    p.add_argument("--sweep", help="the sweep's parent run id or name (default: the latest sweep)")
+    p.add_argument("--sort", default="rsum", choices=("rsum", "val_rsum", "student_params", "images_per_s"),
+                   help="column to sort by, best first (default: rsum, the final test RSUM)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(func=commands.cmd_compare)
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help=f"the Ray dashboard URL, e.g. http://<head>:{DEFAULT_DASHBOARD_PORT} "
+                                      "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+
+
+def _add_cluster_commands(sub: Any) -> None:
+    """Add ``submit``, ``jobs {list,status,logs,stop}`` and ``mlflow-server`` to the ``raydistill`` parser."""
+    p = sub.add_parser("submit", help="run an experiment (or a Tune search) on a Ray cluster through the Jobs API",
+                       description="Upload the project (minus data, caches, run outputs, .git, credentials) and "
+                                   "run `raydistill run CONFIG OVERRIDES --json` (or `raydistill tune ...`) on "
+                                   "the cluster. Token auth: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN.")
+    p.add_argument("config", help="experiment YAML inside the working directory (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-3")
+    _add_address(p)
+    p.add_argument("--tune", metavar="SPACE", help="run `raydistill tune` over this search space (tune_spaces/*.yaml)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="forward one environment variable to the job (repeatable); nothing else is forwarded")
+    p.add_argument("--mlflow-uri", help="tracking URI for the job (default: $MLFLOW_TRACKING_URI if set, else "
+                                        "what the cluster's head exports)")
+    p.add_argument("--working-dir", help="folder uploaded as the job's working directory (default: the current one)")
+    p.add_argument("--submission-id", help="id for the job (default: raydistill-<config>-<time>-<random>)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0,
+                   help="CPUs reserved for the driver (default 0: it runs on the CPU:0 head)")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
+    wait.add_argument("--no-wait", action="store_true", help="return right after submitting")
+    p.add_argument("--start-timeout", type=float, default=600,
+                   help="without --follow/--no-wait: seconds to wait for the job to leave PENDING")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(func=commands.cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
+    jsub = p.add_subparsers(dest="jobs_command", required=True)
+    j = jsub.add_parser("list", help="all jobs, newest first")
+    _add_address(j)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=commands.cmd_jobs_list)
+    j = jsub.add_parser("status", help="a job's status and message")
+    j.add_argument("submission_id")
+    _add_address(j)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=commands.cmd_jobs_status)
+    j = jsub.add_parser("logs", help="a job's output")
+    j.add_argument("submission_id")
+    _add_address(j)
+    j.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it SUCCEEDED")
+    j.set_defaults(func=commands.cmd_jobs_logs)
+    j = jsub.add_parser("stop", help="stop a job and wait until it has stopped")
+    j.add_argument("submission_id")
+    _add_address(j)
+    j.add_argument("--timeout", type=float, default=60, help="seconds to wait for the job to stop")
+    j.set_defaults(func=commands.cmd_jobs_stop)
+
+    p = sub.add_parser("mlflow-server", help="run an MLflow tracking server (SQLite store, proxied artifacts)",
+                       description="Runs `mlflow server` with an absolute SQLite store and proxied artifacts. "
+                                   "Bound to 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--store", default="raydistill_runs/mlflow-server",
+                   help="folder of mlflow.db (and of artifacts unless --artifacts)")
+    p.add_argument("--artifacts", help="artifact destination: a folder or s3://bucket/prefix (default <store>/artifacts)")
+    p.add_argument("--backend-store-uri", help="a database URI instead of <store>/mlflow.db (e.g. postgresql://...)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; 0.0.0.0 on a cluster head)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (SQLite: one writer at a time)")
+    p.add_argument("--allowed-hosts", help="MLflow's Host-header allow-list, e.g. mlflow.internal,10.0.*")
+    p.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
+    p.set_defaults(func=commands.cmd_mlflow_server)
 
 
 def _split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, bool]:
@@ -249,7 +227,7 @@ def _report_failure(err: BaseException, args: argparse.Namespace, debug: bool) -
         traceback.print_exception(err, file=sys.stderr)
     print(f"raydistill: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        _print_json({"error": message, "kind": kind, **{k: v for k, v in CURRENT_RUN.items() if v is not None}})
+        commands.print_json({"error": message, "kind": kind, **{k: v for k, v in CURRENT_RUN.items() if v is not None}})
     return status
 
 
@@ -260,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _shutdown_ray()
+        commands.shutdown_ray()
         return 130
     except Exception as err:  # noqa: BLE001 - every failure ends in one message and a status
-        _shutdown_ray()
+        commands.shutdown_ray()
         return _report_failure(err, args, debug)
 
 

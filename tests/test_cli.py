@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raydistill import cli
+from raydistill import cli, commands
 from raydistill.data.records import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_each_failure_is_one_message_with_its_status(monkeypatch, capsys, error,
                                                      traceback_shown) -> None:
     from raydistill.pipeline.run_folder import CURRENT_RUN
 
-    monkeypatch.setattr(cli, "cmd_embed", _failing(error))
+    monkeypatch.setattr(commands, "cmd_embed", _failing(error))
     monkeypatch.setitem(CURRENT_RUN, "run_dir", None)
     assert cli.main(["embed", "configs/quick.yaml", "--json"]) == status
     out, err = capsys.readouterr()
@@ -82,8 +82,8 @@ def test_a_user_error_raised_in_a_ray_task_is_reported_as_itself(monkeypatch, ca
         def command(args):
             ray.get(read.remote())
 
-        monkeypatch.setattr(cli, "cmd_embed", command)
-        monkeypatch.setattr(cli, "_shutdown_ray", lambda: None)
+        monkeypatch.setattr(commands, "cmd_embed", command)
+        monkeypatch.setattr(commands, "shutdown_ray", lambda: None)
         assert cli.main(["embed", "configs/quick.yaml"]) == 2
         err = capsys.readouterr().err
         assert err.strip().splitlines() == ["raydistill: error: shards/a.tar: member k.txt: not valid UTF-8 at byte 3"]

@@ -134,7 +134,7 @@ def run_cluster_check(work: Path) -> dict[str, Any]:
     from ray.util.state import list_actors
 
     from raydistill.config import load_config
-    from raydistill.dashboard_metrics import TeacherThroughput
+    from raydistill.pipeline.dashboard import TeacherThroughput
     from raydistill.pipeline.runner import run_experiment
 
     # The config first: a bad override fails before any process starts.
@@ -202,7 +202,7 @@ def run_cluster_check(work: Path) -> dict[str, Any]:
 def test_window_rate_by_hand() -> None:
     from collections import deque
 
-    from raydistill.dashboard_metrics import window_rate
+    from raydistill.pipeline.dashboard import window_rate
 
     events = deque([(1.0, 10.0), (5.0, 20.0), (12.0, 30.0)])
     # Window (2, 12]: 20 + 30 over the full 10 s window.
@@ -214,7 +214,7 @@ def test_window_rate_by_hand() -> None:
 
 
 def test_teacher_throughput_with_a_fake_clock() -> None:
-    from raydistill.dashboard_metrics import TeacherThroughput
+    from raydistill.pipeline.dashboard import TeacherThroughput
 
     times = iter([102.0, 110.0, 140.0])  # the moments each batch ended
     rates = TeacherThroughput(window_s=30.0, actor="a1", clock=lambda: next(times))

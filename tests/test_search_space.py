@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raydistill.config import load_config
-from raydistill.search_space import (
+from raydistill.sweep.space import (
     Sampler,
     SearchSpaceError,
     apply_values,

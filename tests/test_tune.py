@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from raydistill.config import load_config
-from raydistill.search_space import load_space, parse_space
-from raydistill.sweep_results import (
+from raydistill.sweep.space import load_space, parse_space
+from raydistill.sweep.results import (
     TRIAL_CONFIG_TAG,
     TRIAL_ID_TAG,
     best_row,
@@ -41,21 +41,23 @@ from raydistill.sweep_results import (
     write_results,
 )
 from raydistill.tracking import Tracker, read_runs
-from raydistill.tune import (
+from raydistill.sweep.capacity import (
     Capacity,
     NodeType,
+    capacity_from_autoscaler_config,
+    cluster_capacity,
+    default_max_concurrent,
+    trial_bundles,
+)
+from raydistill.sweep.driver import (
     SweepError,
     _close_trial_runs,
     asha_settings,
-    capacity_from_autoscaler_config,
-    cluster_capacity,
     compare,
-    default_max_concurrent,
     find_sweep_dir,
     prepare_sweep,
     resume_sweep,
     sweep_counts,
-    trial_bundles,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +123,7 @@ def test_asha_settings_keep_every_rung_below_the_last_step():
 
 
 def test_logged_asha_takes_asha_decisions_and_writes_them_down(tmp_path):
-    from raydistill.tune_trial import LoggedASHA
+    from raydistill.sweep.trial import LoggedASHA
 
     sched = LoggedASHA(tmp_path / "log.jsonl", time_attr="step", metric="val_rsum", mode="max",
                        reduction_factor=2, stop_last_trials=False, **asha_settings(8, 2))
@@ -303,7 +305,7 @@ def test_find_sweep_dir_takes_a_folder_or_a_name(tmp_path):
 
 
 def test_a_restarted_trial_continues_the_run_its_earlier_attempt_left(tmp_path):
-    from raydistill.tune_trial import earlier_attempt
+    from raydistill.sweep.trial import earlier_attempt
 
     cfg = load_config(QUICK, [f"output_dir={tmp_path}", "name=quick-ab12c_00001"])
     assert earlier_attempt(cfg) is None

@@ -95,7 +95,7 @@ class TeacherEmbedder:
         """Teacher images/s and captions/s gauges for the dashboard (best effort: never fails a batch)."""
         try:
             if self.throughput is None:
-                from raydistill.dashboard_metrics import TeacherThroughput
+                from raydistill.pipeline.dashboard import TeacherThroughput
 
                 self.throughput = TeacherThroughput()
             self.throughput.record(images=images, captions=captions, seconds=seconds)

@@ -129,7 +129,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from raydistill.pipeline.evaluate import dataset_batches, embed_split, student_metrics
-    from raydistill.pipeline.live_metrics import LiveMetrics
+    from raydistill.pipeline.dashboard import LiveMetrics
     from raydistill.pipeline.plans import configure_data_context, eval_dataset, finalize_split, train_epoch_dataset
 
     plan = config["plan"]

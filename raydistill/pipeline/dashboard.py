@@ -1,4 +1,4 @@
-"""Throughput gauges for the Ray dashboard: teacher images/s and captions/s, per teacher actor.
+"""The run's metrics on the Ray dashboard: training gauges, teacher throughput gauges, the list of all of them.
 
 Ray exports ``ray.util.metrics`` gauges on each node's Prometheus endpoint as ``ray_<name>``; the dashboard's
 Grafana panels (or any Prometheus) graph them. The pipeline's other metrics are exported where they are
@@ -6,9 +6,8 @@ counted (:data:`EXPORTED_METRICS` lists them all, with the module that owns each
 
 * :mod:`raydistill.pipeline.counters`: counters of images and captions the teacher embedded, images decoded,
   bad images (``rate()`` of these gives cluster-wide rates over any window);
-* :mod:`raydistill.pipeline.live_metrics`: rank-0 training gauges (each loss term and balancer weight,
-  samples/s, step time);
-* this module: :class:`TeacherThroughput`, a teacher actor's own rate over the last ``window_s`` seconds, so a
+* this module: :class:`LiveMetrics`, rank-0 training gauges (each loss term and balancer weight, samples/s,
+  step time), and :class:`TeacherThroughput`, a teacher actor's own rate over the last ``window_s`` seconds, so a
   slow or idle actor shows up directly.
 
 Usage inside a teacher actor (once per batch, after the model ran)::
@@ -21,6 +20,7 @@ Prometheus: ``sum(ray_raydistill_teacher_images_per_s)`` is the pool's throughpu
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,17 +29,17 @@ from typing import Any
 #: Every metric raydistill exports, as it appears on a node's Prometheus endpoint (``<term>`` is a DSMD term:
 #: feature, cosine, contrastive, hard_negative), with the module that exports it.
 EXPORTED_METRICS: dict[str, str] = {
-    "ray_raydistill_teacher_images_per_s": "raydistill.dashboard_metrics",
-    "ray_raydistill_teacher_captions_per_s": "raydistill.dashboard_metrics",
+    "ray_raydistill_teacher_images_per_s": "raydistill.pipeline.dashboard",
+    "ray_raydistill_teacher_captions_per_s": "raydistill.pipeline.dashboard",
     "ray_raydistill_teacher_images_embedded_total": "raydistill.pipeline.counters",
     "ray_raydistill_teacher_captions_embedded_total": "raydistill.pipeline.counters",
     "ray_raydistill_teacher_seconds_total": "raydistill.pipeline.counters",
     "ray_raydistill_images_decoded_total": "raydistill.pipeline.counters",
     "ray_raydistill_bad_images_total": "raydistill.pipeline.counters",
-    "ray_raydistill_train_loss_<term>": "raydistill.pipeline.live_metrics",
-    "ray_raydistill_train_weight_<term>": "raydistill.pipeline.live_metrics",
-    "ray_raydistill_train_samples_per_s": "raydistill.pipeline.live_metrics",
-    "ray_raydistill_train_step_time_s": "raydistill.pipeline.live_metrics",
+    "ray_raydistill_train_loss_<term>": "raydistill.pipeline.dashboard",
+    "ray_raydistill_train_weight_<term>": "raydistill.pipeline.dashboard",
+    "ray_raydistill_train_samples_per_s": "raydistill.pipeline.dashboard",
+    "ray_raydistill_train_step_time_s": "raydistill.pipeline.dashboard",
 }
 
 
@@ -134,3 +134,25 @@ def _actor_tag() -> str:
     except Exception:
         actor_id = None
     return actor_id[:12] if actor_id else "driver"
+
+
+class LiveMetrics:
+    """Set one Ray gauge per metric name; failures to export never affect training."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self._gauges: dict[str, Any] = {}
+
+    def record(self, metrics: dict[str, float]) -> None:
+        try:
+            from ray.util.metrics import Gauge
+        except ImportError:  # pragma: no cover - ray is a hard dependency
+            return
+        for key, value in metrics.items():
+            name = "raydistill_train_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            try:
+                if name not in self._gauges:
+                    self._gauges[name] = Gauge(name, description=f"raydistill training {key}", tag_keys=("run",))
+                self._gauges[name].set(float(value), tags={"run": self.run})
+            except Exception:  # best effort: the dashboard is a view, MLflow is the record
+                continue

@@ -8,7 +8,7 @@
   stopped.
 * :class:`ProgressCallback` prints one line per trial event to stderr.
 
-This module imports Ray Tune at import time; :mod:`raydistill.tune` imports it only when a sweep runs.
+This module imports Ray Tune at import time; :mod:`raydistill.sweep.driver` imports it only when a sweep runs.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from raydistill.pipeline.progress import log as progress_log
 from raydistill.config import Config, config_from_dict
-from raydistill.search_space import apply_values, check_trial_config, flatten_values
-from raydistill.sweep_results import COUNT_KEYS, METRIC, TIME_ATTR, TRIAL_CONFIG_TAG, TRIAL_ID_TAG
+from raydistill.sweep.space import apply_values, check_trial_config, flatten_values
+from raydistill.sweep.results import COUNT_KEYS, METRIC, TIME_ATTR, TRIAL_CONFIG_TAG, TRIAL_ID_TAG
 
 
 def log(message: str) -> None:

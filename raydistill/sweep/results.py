@@ -16,11 +16,31 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from raydistill.config import Config, config_from_dict, dump_config
+from raydistill.errors import UserError
+from raydistill.pipeline.progress import log as progress_log
 from raydistill.plots import pareto_front, plot_pareto
+from raydistill.sweep.space import apply_values, check_trial_config, flatten_values
+
+
+class SweepError(UserError, ValueError):
+    """A sweep that cannot run as asked (or produced no usable trial); the message says why and what to do."""
+
+
+class SweepInterrupted(SweepError):
+    """The sweep stopped before every trial ended (Ctrl-C, or a signal); the message says how to continue."""
+
+
+_TEACHER_COUNTS = ("teacher_images_embedded", "teacher_captions_embedded")
+
+
+def log(message: str) -> None:
+    progress_log(f"tune: {message}")
 
 from raydistill.paths import write_text_atomically
 
@@ -214,3 +234,171 @@ def latest_sweep(runs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The most recently started sweep (parent) run among ``runs``, or None."""
     sweeps = [r for r in runs if r.get("tags", {}).get(SWEEP_KIND_TAG) == SWEEP_KIND]
     return max(sweeps, key=lambda r: (r.get("start_time") or 0, r["run_id"])) if sweeps else None
+
+
+# ------------------------------------------------------------------------------------------------ results
+def _trial_row(result: Any) -> dict[str, Any]:
+    """The sweep row of one Tune result; ``status``: finished, stopped (by the scheduler) or error."""
+    metrics = dict(result.metrics or {})
+    history = _val_history(result)
+    if result.error is not None:
+        status = "error"
+    elif metrics.get("finished"):
+        status = "finished"
+    else:
+        status = "stopped"
+    done = status == "finished"
+    return {
+        "trial_id": metrics.get("trial_id") or _trial_id_from_path(result.path),
+        "status": status,
+        "run_id": metrics.get("run_id") if done else None,
+        "config": flatten_values(result.config or {}),
+        "val_rsum": history[-1][1] if history else None,
+        "rsum": metrics.get("rsum") if done else None,
+        "student_params": metrics.get("student_params") if done else None,
+        "images_per_s": metrics.get("images_per_s") if done else None,
+        "captions_per_s": metrics.get("captions_per_s") if done else None,
+        "steps": history[-1][0] if history else None,
+        "history": history,
+        "counts": {k: metrics.get(k) for k in COUNT_KEYS} if done else None,
+        "error": str(result.error)[:500] if result.error is not None else None,
+    }
+
+
+def _val_history(result: Any) -> list[tuple[int, float]]:
+    """``(step, val_rsum)`` pairs the trial reported to Tune, one per step, in step order."""
+    frame = result.metrics_dataframe
+    if frame is None or METRIC not in frame or TIME_ATTR not in frame:
+        return []
+    by_step: dict[int, float] = {}
+    for step, value in zip(frame[TIME_ATTR], frame[METRIC]):
+        if step == step and value == value:  # NaN != NaN: skip rows without both
+            by_step[int(step)] = float(value)
+    return sorted(by_step.items())
+
+
+def _trial_id_from_path(path: str | None) -> str | None:
+    # Tune names a trial's folder <trainable>_<trial id>_<index>_<config>_<date>; trial ids are <5 hex>_<5 digits>.
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name) if path else None
+    return match.group(1) if match else None
+
+
+def _values_of(grid: Any, trial_id: str) -> dict[str, Any]:
+    for result in grid:
+        if (result.metrics or {}).get("trial_id") == trial_id:
+            return dict(result.config or {})
+    raise SweepError(f"trial {trial_id} is not in the sweep's results")
+
+
+def _close_trial_runs(rows: list[dict[str, Any]], tracking_uri: str, experiment: str, parent_run_id: str,
+                      sweep_dir: Path) -> None:
+    """Give each row its child run id; end the runs of stopped (KILLED) and failed (FAILED) trials.
+
+    The scheduler stops a trial by killing it mid-run: its run is still RUNNING (or FAILED) and may lack
+    validation points its worker had not sent yet; the driver adds the ones Tune received. A trial of a resumed sweep
+    that could not continue its earlier run (restarted on another node, or cut short before its run folder
+    recorded the run) left that run RUNNING: it ends KILLED, tagged ``superseded``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from raydistill.tracking import read_runs
+
+    runs_of: dict[str | None, list[dict[str, Any]]] = {}
+    for run in read_runs(tracking_uri, experiment, parent_run_id):  # oldest first
+        runs_of.setdefault(run["tags"].get(TRIAL_ID_TAG), []).append(run)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for row in rows:
+        runs = runs_of.get(row["trial_id"])
+        if not runs:
+            continue
+        run = next((r for r in runs if r["run_id"] == row.get("run_id")), runs[-1])
+        row["run_id"] = run["run_id"]
+        for other in runs:
+            if other is not run and other["status"] == "RUNNING":
+                _end_trial_run(tracking_uri, experiment, other["run_id"], sweep_dir, "superseded", "KILLED")
+        if row["status"] == "finished" or (row["status"] == "error" and run["status"] != "RUNNING"):
+            continue
+        # A stopped trial's run may also have ended FAILED: the kill reached its tracker as an exception.
+        logged = {m.step for m in client.get_metric_history(run["run_id"], METRIC)}
+        tracker = _end_trial_run(tracking_uri, experiment, run["run_id"], sweep_dir, row["status"], None)
+        for step, value in row["history"]:
+            if step not in logged:
+                tracker.log_metrics({METRIC: value}, step=step)
+        tracker.finish("KILLED" if row["status"] == "stopped" else "FAILED")
+
+
+def _end_trial_run(tracking_uri: str, experiment: str, run_id: str, sweep_dir: Path, trial_status: str,
+                   end: str | None) -> Any:
+    """A tracker on a trial's child run, tagged with the trial's status; ended ``end`` when given."""
+    from raydistill.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, experiment, run_id=run_id, local_dir=sweep_dir / "tracking" / run_id)
+    tracker.set_tags({"raydistill.trial_status": trial_status})
+    if end:
+        tracker.finish(end)
+    return tracker
+
+
+def sweep_counts(cache: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The pipeline's counts over the whole sweep: the cache pass plus each finished trial's own count.
+
+    ``dataset_images`` / ``dataset_captions`` are the distinct images and captions of the sweep's splits as
+    the cache pass counted them (a finished trial that counted otherwise is reported). A trial the scheduler
+    stopped cannot report its counts (it is killed); ``trials_counted`` says how many trials were added.
+    """
+    counts = {k: int(cache[k]) for k in _TEACHER_COUNTS}
+    counted = 0
+    for row in rows:
+        if not row.get("counts"):
+            continue
+        counted += 1
+        for k in _TEACHER_COUNTS:
+            counts[k] += int(row["counts"].get(k) or 0)
+        for k in ("dataset_images", "dataset_captions"):
+            if row["counts"].get(k) != cache[k]:
+                log(f"warning: trial {row['trial_id']} counted {row['counts'].get(k)} {k}, the cache pass {cache[k]}")
+    return {**counts, "dataset_images": int(cache["dataset_images"]),
+            "dataset_captions": int(cache["dataset_captions"]), "trials_counted": counted}
+
+
+def write_best_config(cfg: Config, values: dict[str, Any], path: Path, best: dict[str, Any]) -> Path:
+    """Write the best trial's config (the sweep's config with the trial's sampled values) as a runnable YAML."""
+    raw = apply_values(cfg.model_dump(mode="json"), values)
+    raw["name"] = f"{cfg.name}-best"
+    best_cfg = config_from_dict(raw, origin=str(path))
+    check_trial_config(best_cfg, str(path))
+    header = (
+        f"# raydistill run {path}\n#\n"
+        f"# The best trial ({best['trial_id']}) of a raydistill tune sweep: validation RSUM {best['val_rsum']:.2f}, "
+        f"test RSUM {best['rsum']:.2f}.\n# Sampled: {json.dumps(flatten_values(values), default=str)}\n"
+    )
+    return atomic_write_text(path, header + dump_config(best_cfg))
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def compare(tracking_uri: str, experiment: str, sweep: str | None = None, sort: str = "rsum") -> dict[str, Any]:
+    """A sweep's table from MLflow: the given parent run (id or name), or the latest sweep of the experiment.
+
+    Returns:
+        ``{"parent_run_id", "sweep", "mlflow_tracking_uri", "experiment", "rows"}``, rows sorted best first
+        by ``sort`` and Pareto-marked.
+
+    Raises:
+        SweepError: no such sweep.
+    """
+    from raydistill.tracking import read_runs
+
+    runs = read_runs(tracking_uri, experiment)
+    if sweep:
+        matches = [r for r in runs if sweep in (r["run_id"], r["run_name"])]
+        if not matches:
+            raise SweepError(f"no run {sweep!r} (id or name) in experiment {experiment!r} at {tracking_uri}")
+        parent = matches[-1]
+    else:
+        parent = latest_sweep(runs)
+        if parent is None:
+            raise SweepError(f"no raydistill tune sweep in experiment {experiment!r} at {tracking_uri}")
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
+    rows = sort_rows(mark_pareto(rows_from_runs(children)), key=sort)
+    return {"parent_run_id": parent["run_id"], "sweep": parent["run_name"], "mlflow_tracking_uri": tracking_uri,
+            "experiment": experiment, "rows": rows}
