@@ -46,12 +46,10 @@ def _reference_clean(text: str) -> str:
 def read_manifest_in_process(path: Path) -> list[dict]:
     """The manifest plan's row functions without Ray: pandas batch -> checked rows -> grouped by image id."""
     import numpy as np
-    import pandas as pd
+    import pyarrow.json as pj
 
-    if path.suffix == ".parquet":
-        frame = pq.read_table(path).to_pandas()
-    else:
-        frame = pd.read_json(path, lines=True)
+    # Arrow's readers, as ray.data.read_parquet/read_json use them (pandas.read_json would turn "0" into 0).
+    frame = (pq.read_table(path) if path.suffix == ".parquet" else pj.read_json(path)).to_pandas()
     frame["path"] = str(path)
     checked = check_manifest_rows(frame, base=str(path.parent), source=str(path)).to_pylist()
     groups: dict[str, list[dict]] = {}

@@ -132,7 +132,7 @@ def evil(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_student_weights_loader_refuses_pickled_code(evil: tuple[Path, Path]) -> None:
-    from raydistill.models.student import _read_state_dict
+    from raydistill.models.towers import _read_state_dict
 
     path, marker = evil
     with pytest.raises(ValueError, match=f"could not read weights file {path}"):

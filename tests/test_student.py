@@ -146,7 +146,7 @@ def test_build_from_config_or_dict_with_overrides() -> None:
         )
         assert model.vision.patch_embed.img_size == (32, 32)
         assert model.text.embeddings.word_embeddings.num_embeddings == 40
-    with pytest.raises(ValueError, match="preset name .* a StudentConfig or a dict, got int"):
+    with pytest.raises(ValueError, match="preset name .* a DualEncoderConfig or a dict, got int"):
         build_student(3, embed_dim=8, vocab_size=10)  # type: ignore[arg-type]
 
 

@@ -34,10 +34,14 @@ from raydistill.sweep.space import load_space, parse_space
 from raydistill.sweep.results import (
     TRIAL_CONFIG_TAG,
     TRIAL_ID_TAG,
+    SweepError,
+    _close_trial_runs,
     best_row,
+    compare,
     format_table,
     mark_pareto,
     sort_rows,
+    sweep_counts,
     write_results,
 )
 from raydistill.tracking import Tracker, read_runs
@@ -49,16 +53,7 @@ from raydistill.sweep.capacity import (
     default_max_concurrent,
     trial_bundles,
 )
-from raydistill.sweep.driver import (
-    SweepError,
-    _close_trial_runs,
-    asha_settings,
-    compare,
-    find_sweep_dir,
-    prepare_sweep,
-    resume_sweep,
-    sweep_counts,
-)
+from raydistill.sweep.driver import asha_settings, find_sweep_dir, prepare_sweep, resume_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick.yaml"

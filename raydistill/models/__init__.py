@@ -1,4 +1,5 @@
-"""Models: the student dual encoder and its presets, tokenizers, image preprocessing.
+"""Models: the student dual encoder (``student``), its architecture and presets (``architecture``), its pretrained
+towers (``towers``), tokenizers, image preprocessing.
 
 Teacher adapters live in ``raydistill.models.teachers``.
 
@@ -14,20 +15,10 @@ from typing import Any
 
 _EXPORTS = {
     "raydistill.models.preprocess": ("CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "preprocess_images"),
-    "raydistill.models.student": (
-        "PRESETS",
-        "DualEncoder",
-        "StudentConfig",
-        "WeightsReport",
-        "build_student",
-        "get_preset",
-        "load_dual_encoder",
-        "load_text_weights",
-        "load_vision_weights",
-        "preset_names",
-        "read_saved_config",
-        "save_dual_encoder",
-    ),
+    "raydistill.models.architecture": ("PRESETS", "DualEncoderConfig", "StudentConfig", "get_preset", "preset_names"),
+    "raydistill.models.student": ("DualEncoder", "build_student", "load_dual_encoder", "read_saved_config",
+                                  "save_dual_encoder"),
+    "raydistill.models.towers": ("WeightsReport", "load_text_weights", "load_vision_weights"),
     "raydistill.models.tokenizers": ("build_wordpiece_tokenizer", "encode_texts", "load_tokenizer",
                                      "tokenizer_from_vocab"),
 }

@@ -96,7 +96,7 @@ def configure_data_context(cfg: Config) -> None:
 
 def student_decode_size(cfg: Config) -> int:
     """The side the student's images are decoded to: its preset's resize size (it crops from there)."""
-    from raydistill.models.student import get_preset
+    from raydistill.models.architecture import get_preset
 
     preset = get_preset(cfg.student.preset)
     return int(preset.resize_size or preset.image_size)

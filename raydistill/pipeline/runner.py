@@ -111,7 +111,7 @@ def prepare_data(cfg: Config, run_dir: Path, counters: Counters) -> tuple[DataPl
         The run's :class:`DataPlan`, and the training split's ``images`` / ``captions`` counts.
     """
     from raydistill.data.source import source_identity
-    from raydistill.models.student import get_preset
+    from raydistill.models.architecture import get_preset
     from raydistill.pipeline.teacher_side import open_teacher_side
 
     splits = needed_splits(cfg)

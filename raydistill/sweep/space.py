@@ -390,7 +390,7 @@ def check_trial_config(cfg: Config, origin: str) -> None:
         SearchSpaceError: naming ``origin`` and the bad value.
     """
     from raydistill.method.balancers import make_balancer
-    from raydistill.models.student import get_preset, preset_names
+    from raydistill.models.architecture import get_preset, preset_names
 
     try:
         get_preset(cfg.student.preset)
