@@ -23,9 +23,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-RECALL_HEADER = f"{'model':<26} " + " ".join(f"{k:>6}" for k in ("I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydistill",
@@ -40,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo (no GPU, no network)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run of the same path: 400 scenes, 10 steps per arm (under 2 minutes on 2 cores)")
+                   help="a smoke run of the same path: 400 scenes, 10 steps per arm")
     p.add_argument("--seeds", type=int, default=None, help="seeds per student arm (default: 1; 2 for the spread)")
     p.add_argument("--output-dir", default="raydistill_runs/demo", help="where runs and the MLflow store go")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")

@@ -32,11 +32,7 @@ from raydistill.jobs import (
     resolve_address,
     wait_for,
 )
-from raydistill.pipeline.progress import log
-
-RECALL_HEADER = f"{'model':<26} " + " ".join(
-    f"{k:>6}" for k in ("I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM"))
-
+from raydistill.pipeline.progress import log, recall_header, recall_line
 
 def print_json(obj: Any) -> None:
     """The command's one JSON object, as the last line of standard output."""
@@ -81,13 +77,6 @@ def _ensure_demo_teacher(cfg) -> None:
         ensure_demo_teacher()
 
 
-def _recall_line(name: str, m: dict[str, float] | None, extra: str = "") -> str:
-    if not m:
-        return f"{name:<26} {'-':>6}"
-    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-    return f"{name:<26} " + " ".join(f"{m[k]:6.1f}" for k in keys) + extra
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from raydistill.pipeline.run_folder import find_run_dir, load_run_config
     from raydistill.pipeline.runner import run_experiment
@@ -102,9 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("raydistill run: give a config file (configs/*.yaml), or --resume RUN")
     summary = run_experiment(cfg, resume=args.resume)
     shutdown_ray()
-    print(RECALL_HEADER, file=sys.stderr)
-    print(_recall_line("teacher", summary["metrics"]["teacher"]), file=sys.stderr)
-    print(_recall_line(f"student ({summary['student_params'] / 1e6:.2f} M)", summary["metrics"]["student"]), file=sys.stderr)
+    print(recall_header(), file=sys.stderr)
+    print(recall_line("teacher", summary["metrics"]["teacher"]), file=sys.stderr)
+    print(recall_line(f"student ({summary['student_params'] / 1e6:.2f} M)", summary["metrics"]["student"]), file=sys.stderr)
     print(f"student saved to {summary['student_dir']}", file=sys.stderr)
     print(f"compare runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", file=sys.stderr)
     if args.json:
@@ -130,9 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     summary = evaluate_command(_load(args), student=args.student, teacher=args.teacher, split=args.split)
     shutdown_ray()
-    print(RECALL_HEADER, file=sys.stderr)
+    print(recall_header(), file=sys.stderr)
     for name, m in summary["metrics"].items():
-        print(_recall_line(name, m), file=sys.stderr)
+        print(recall_line(name, m), file=sys.stderr)
     if args.json:
         print_json(summary)
     return 0

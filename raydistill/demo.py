@@ -28,7 +28,7 @@ from raydistill.demo_assets import (
     find_demo_teacher,
 )
 from raydistill.paths import publish_dir, raydistill_home
-from raydistill.pipeline.progress import LOG_PREFIX, log
+from raydistill.pipeline.progress import LOG_PREFIX, log, recall_header, recall_line
 from raydistill.pipeline.runner import run_experiment
 
 # Each arm's learning rate: the best mean validation RSUM over 3 seeds of the grid {5e-4, 1e-3, 2e-3} (300
@@ -69,8 +69,8 @@ def ensure_demo_teacher(quick: bool = False) -> Path:
 
 
 def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
-    # --quick trains its two arms side by side: a worker of 1 CPU (one torch thread) each keeps them at 2 threads on
-    # 2 cores; at 2 each, the oversubscribed threads cost about 45 s of CPU more for the same results.
+    # --quick trains its two arms side by side: a worker of 1 CPU (one torch thread) each keeps them from
+    # oversubscribing a 2-core laptop, which costs CPU time for the same results.
     # The local Ray instance keeps its dashboard: Ray Train's placement-group cleaner asks the dashboard's State API
     # whether the controller is alive, and warns every second when it cannot.
     common = [f"output_dir={output_dir}", f"train.seed={seed}", f"train.cpus_per_worker={1 if quick else 2}",
@@ -91,10 +91,9 @@ def run_demo(quick: bool = False, output_dir: str = "raydistill_runs/demo", seed
 
     With ``quick`` the two arms of a seed run at the same time on the local Ray instance (each a Ray Train run
     with its own MLflow run): most of a smoke run is Ray start-up (processes importing torch, the Train
-    controller, the dataset coordinator), which leaves cores idle that the other arm uses (on 2 cores the CPU
-    was 77 % busy with the arms one after the other, 90 % side by side). The full demo runs them one after
-    the other: two training loops of 2 threads each on 2 cores took 12 min 35 s side by side, 7 min 12 s in turn.
-    Results do not depend on it: each arm has its own seed, data order and worker.
+    controller, the dataset coordinator), which leaves cores idle that the other arm uses. The full demo runs
+    them one after the other: there the training loops dominate, and two of them side by side would fight for
+    the same cores. Results do not depend on it: each arm has its own seed, data order and worker.
     """
     start = time.perf_counter()
     output_dir = str(Path(output_dir).resolve())
@@ -281,12 +280,11 @@ def _print_table(s: dict[str, Any]) -> None:
     def line(name: str, m: dict[str, Any]) -> str:
         params = f"{m['params'] / 1e6:6.2f}M" if m.get("params") else "      -"
         speed = f"{m['images_per_s']:8.0f}" if m.get("images_per_s") else "       -"
-        return (f"{name:<22}" + "".join(f"{m[k]:7.1f}" for k in RECALL_KEYS[:7]) + f" {params} {speed}")
+        return recall_line(name, m, 22, f" {params} {speed}")
 
     out = sys.stderr
     print("", file=out)
-    print(f"{'model':<22}" + "".join(f"{h:>7}" for h in ("I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM"))
-          + "  params  img/s", file=out)
+    print(recall_header(22, "  params  img/s"), file=out)
     print(line("teacher", s["teacher"]), file=out)
     print(line("distilled student", s["distilled"]), file=out)
     print(line("baseline student", s["baseline"]), file=out)

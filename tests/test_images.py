@@ -232,6 +232,20 @@ def test_bomb_is_refused_from_the_header_before_decoding():
     assert info.value.reason == "corrupt"
 
 
+def test_max_pixels_above_pillows_own_limit_is_the_limit(monkeypatch: pytest.MonkeyPatch):
+    # 20000 x 10000 = 200 M pixels: above twice Pillow's default limit (2 x 89,478,485), where Pillow itself
+    # refuses to open an image. With data.max_pixels raised above it, the header passes the size check and the
+    # (absent) pixel data is what fails.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    header_only = _png_header_only(20000, 10000)
+    with pytest.raises(BadImageError) as info:
+        decode_image(header_only, max_pixels=250_000_000, name="panorama.png")
+    assert info.value.reason == "corrupt"
+    with pytest.raises(BadImageError) as info:
+        decode_image(header_only, max_pixels=150_000_000, name="panorama.png")
+    assert info.value.reason == "too_large" and "exceeds max_pixels=150000000" in str(info.value)
+
+
 def test_huge_bomb_is_too_large_with_default_limit():
     with pytest.raises(BadImageError) as info:
         decode_image(_png_header_only(20000, 20000))

@@ -165,9 +165,9 @@ def decode_image(
 
     Args:
         source: encoded bytes, a local path, or a URI (see `open_uri`).
-        max_pixels: largest width x height accepted; checked from the header before decoding.
-            Pillow itself refuses anything above twice its global ``Image.MAX_IMAGE_PIXELS``, so
-            raising this beyond that needs that global raised too.
+        max_pixels: largest width x height accepted; checked from the header before decoding. When it is
+            above Pillow's own limit (``Image.MAX_IMAGE_PIXELS``), that limit is raised to it in this
+            process, so that ``data.max_pixels`` is the one limit a user sets.
         name: what to call the image in errors (defaults to the path, or ``"<bytes>"``).
 
     Returns:
@@ -182,6 +182,10 @@ def decode_image(
     data = _read_source(source, name)
     if not data:
         raise BadImageError(name, "empty", "zero bytes")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses images above twice its global limit in Image.open, before the header check below
+        # could apply the limit the user asked for.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:

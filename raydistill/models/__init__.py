@@ -4,8 +4,8 @@ towers (``towers``), tokenizers, image preprocessing.
 Teacher adapters live in ``raydistill.models.teachers``.
 
 The names below are imported on first use (PEP 562): a Ray Data task that only tokenises captions imports
-``raydistill.models.tokenizers`` without paying for the student's timm and torch (about 10 s of CPU per
-worker process on 2 cores).
+``raydistill.models.tokenizers`` without paying for importing the student's timm and torch in every worker
+process.
 """
 
 from __future__ import annotations

@@ -109,3 +109,19 @@ def counted(counters: Any, key: str, extra: Callable[[dict[str, Any]], str] | No
         totals = counters.get()
         return int(totals.get(key, 0)) - since, extra(totals) if extra else ""
     return poll
+
+
+RECALL_COLUMNS = {"i2t_r1": "I2T@1", "i2t_r5": "I2T@5", "i2t_r10": "I2T@10", "t2i_r1": "T2I@1", "t2i_r5": "T2I@5",
+                  "t2i_r10": "T2I@10", "rsum": "RSUM"}
+
+
+def recall_header(name_width: int = 26, extra: str = "") -> str:
+    """The header of the terminal's recall tables (``run``, ``eval``, ``demo``)."""
+    return f"{'model':<{name_width}}" + "".join(f"{h:>7}" for h in RECALL_COLUMNS.values()) + extra
+
+
+def recall_line(name: str, metrics: dict[str, float] | None, name_width: int = 26, extra: str = "") -> str:
+    """One model's row under :func:`recall_header`: recall in percent, ``-`` when it was not measured."""
+    if not metrics:
+        return f"{name:<{name_width}}{'-':>7}"
+    return f"{name:<{name_width}}" + "".join(f"{metrics[k]:7.1f}" for k in RECALL_COLUMNS) + extra
