@@ -1,15 +1,16 @@
-"""The student dual encoder: its config and size presets, building, tower weights, save and load.
+"""The student dual encoder: building it, save and load (its config and presets: ``architecture.py``;
+its pretrained towers: ``towers.py``).
 
 A ``DualEncoder`` is a timm ViT image tower (CLS token) and a transformers encoder text tower (BERT
 pooler output, the CLS hidden state, or the mean of the token states), each followed by a linear
-head to the teacher's embedding size ``d``; both outputs are L2-normalised (shared/method/DSMD.md, "Student"). The towers start from
-random weights or from pretrained ones: a timm checkpoint file or timm pretrained name for the image
-tower, a Hugging Face folder or hub name for the text tower (hub names come from the local Hugging
-Face cache when there is no network). The text pooling follows the text weights: BERT's pooler with
-pretrained weights (the reference), the CLS hidden state without (``resolve_text_pooling``). The
-same class also serves as the CLIP-architecture teacher that the embedded demo fits, and any bigger
-dual encoder this project trains: the teacher adapter ``raydistill`` reads what ``save_dual_encoder``
-writes.
+head to the teacher's embedding size ``d``; both outputs are L2-normalised (the method's "Student").
+The towers start from random weights or from pretrained ones: a timm checkpoint file or timm
+pretrained name for the image tower, a Hugging Face folder or hub name for the text tower (hub names
+come from the local Hugging Face cache when there is no network). The text pooling follows the text
+weights: BERT's pooler with pretrained weights (the reference), the CLS hidden state without
+(``resolve_text_pooling``). The same class also serves as the CLIP-architecture teacher that the
+embedded demo fits, and any bigger dual encoder this project trains: the teacher adapter
+``raydistill`` reads what ``save_dual_encoder`` writes.
 
 Saved format (a directory, written atomically)::
 
