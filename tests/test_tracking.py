@@ -140,8 +140,19 @@ def _kept(local_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [r for r in lines if r["kind"] != "run"], [r for r in lines if r["kind"] == "run"]
 
 
+@pytest.fixture(autouse=True)
+def _listen_on_the_trackers_logger(caplog: pytest.LogCaptureFixture):
+    """caplog listens on the root logger, which libraries used by earlier tests in the same process may
+    reconfigure; listen on the tracker's own logger as well (records seen twice are counted once)."""
+    logger = logging.getLogger("raydistill.tracking")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)
+
+
 def _outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "raydistill.tracking" and r.levelno == logging.WARNING]
+    records = {id(r): r for r in caplog.records}.values()
+    return [r.getMessage() for r in records if r.name == "raydistill.tracking" and r.levelno == logging.WARNING]
 
 
 def _train(tracker: Tracker, steps: range) -> float:
