@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from e2e_helpers import assert_same_state
 from raydistill.config import config_from_dict
 from raydistill.pipeline import trainer as trainer_module
 from raydistill.pipeline.trainer import STATE_FILE, Trainer
@@ -52,21 +53,6 @@ def _snapshot(trainer: Trainer) -> dict[str, Any]:
     })
 
 
-def _assert_equal(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_adam_beta2_comes_from_the_config() -> None:
     assert _trainer().optimizer.defaults["betas"] == (0.9, 0.999)  # the default: AdamW's own
     assert all(group["betas"] == (0.9, 0.98) for group in _trainer(adam_beta2=0.98).optimizer.param_groups)
@@ -92,7 +78,7 @@ def test_an_fp16_step_the_scaler_skips_moves_nothing_but_the_batch_count() -> No
     assert trainer.scaler.get_scale() == scale / 2  # the scaler backed off, the sign of a skipped step
     assert skipped["amp/skipped_steps"] == 1 and trainer.skipped_steps == 1
     assert trainer.step == 2  # the batch was consumed: the position in the data moves on
-    _assert_equal(_snapshot(trainer), before, "state")  # model, AdamW, schedule, queues, balancer
+    assert_same_state(_snapshot(trainer), before, "state")  # model, AdamW, schedule, queues, balancer
     assert trainer.optimizer.param_groups[0]["lr"] == lr and skipped["lr"] == first["lr"]
 
     # The next good step carries on from where the last good one left off.
