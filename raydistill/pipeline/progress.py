@@ -38,15 +38,37 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def progress_line(label: str, done: int, total: int | None, elapsed: float, extra: str = "") -> str:
-    """``label: 40/300 (13%), 0:25 elapsed, 1.6/s, ETA 2:42, extra``."""
-    rate = done / elapsed if elapsed > 0 else 0.0
+def progress_line(label: str, done: int, total: int | None, elapsed: float, extra: str = "",
+                  rate: float | None = None) -> str:
+    """``label: 40/300 (13%), 0:25 elapsed, 1.6/s, ETA 2:42, extra``.
+
+    ``rate`` (items per second) defaults to ``done / elapsed``; pass the steady rate (:class:`SteadyRate`) when
+    the elapsed time includes a start-up, or ``0`` when there is none yet: then no rate and no ETA are shown.
+    """
+    if rate is None:
+        rate = done / elapsed if elapsed > 0 else 0.0
     parts = [f"{done:,}/{total:,} ({100 * done / total:.0f}%)" if total else f"{done:,}", f"{_duration(elapsed)} elapsed"]
     if rate:
         parts.append(f"{rate:,.1f}/s")
         if total and done < total:
             parts.append(f"ETA {_duration((total - done) / rate)}")
     return f"{label}: " + ", ".join(parts) + (f", {extra}" if extra else "")
+
+
+class SteadyRate:
+    """The rate since the first item was done: the start-up before it (workers starting, a model loading) would
+    make an ETA taken from ``done / elapsed`` hours long at the first line. ``0`` until a second count is seen."""
+
+    def __init__(self) -> None:
+        self._first: tuple[float, int] | None = None
+
+    def __call__(self, done: int, now: float) -> float:
+        if self._first is None:
+            if done > 0:
+                self._first = (now, done)
+            return 0.0
+        t0, d0 = self._first
+        return (done - d0) / (now - t0) if done > d0 and now > t0 else 0.0
 
 
 @contextlib.contextmanager
@@ -65,6 +87,7 @@ def watch(label: str, total: int | None, poll: Callable[[], tuple[int, str]], in
         bar = tqdm(total=total, desc=f"[raydistill] {LOG_PREFIX.get()}{label}", file=sys.stderr, leave=True,
                    dynamic_ncols=True)
     prefix = LOG_PREFIX.get()
+    steady = SteadyRate()
 
     def follow() -> None:
         LOG_PREFIX.set(prefix)
@@ -78,9 +101,11 @@ def watch(label: str, total: int | None, poll: Callable[[], tuple[int, str]], in
                 bar.n = done
                 bar.set_postfix_str(extra, refresh=False)
                 bar.refresh()
-            elif time.monotonic() - last_line >= LOG_EVERY_S:
+                continue
+            rate = steady(done, time.monotonic())  # every poll, so the first count is seen when it happens
+            if time.monotonic() - last_line >= LOG_EVERY_S:
                 last_line = time.monotonic()
-                log(progress_line(label, done, total, time.monotonic() - start, extra))
+                log(progress_line(label, done, total, last_line - start, extra, rate=rate))
 
     thread = threading.Thread(target=follow, name=f"raydistill-progress-{label}", daemon=True)
     thread.start()
@@ -98,7 +123,8 @@ def watch(label: str, total: int | None, poll: Callable[[], tuple[int, str]], in
             bar.set_postfix_str(extra, refresh=False)
             bar.close()
         else:
-            log(progress_line(label, done, total, time.monotonic() - start, extra))
+            elapsed = time.monotonic() - start
+            log(progress_line(label, done, total, elapsed, extra, rate=done / elapsed if elapsed > 0 else 0.0))
 
 
 def counted(counters: Any, key: str, extra: Callable[[dict[str, Any]], str] | None = None, since: int = 0
