@@ -76,6 +76,43 @@ def teacher_pass(cfg: Any, folder: Path) -> dict[str, Any]:
             **common.rates(images, seconds, steady, "images")}
 
 
+RUN_KEYS = ("seconds", "samples", "steady_samples_per_s", "end_to_end_samples_per_s", "startup_s")
+
+
+def pipeline_figures(teacher: dict[str, Any], no_cache: dict[str, Any], write_through: dict[str, Any],
+                     student: dict[str, Any], epoch_samples: int, epochs: int) -> dict[str, Any]:
+    """The result's figures from the four measurements: the teacher pass alone (``teacher_pass``) and the three
+    runs (``run_experiment``'s summary with ``common.train_rates``), each over ``epochs`` epochs of
+    ``epoch_samples`` caption rows.
+
+    Steady state: one epoch at each part's steady rate, and the overlap efficiency of the stream from those
+    (1 when the stream takes as long as the teacher and the student one after the other, 2 when it hides one
+    behind the other completely). End to end: whole runs, spread over the epochs. The cache saving compares the
+    stream with and without write-through.
+    """
+    figures: dict[str, Any] = {
+        "t_teacher_s": teacher["images"] / teacher["steady_images_per_s"],
+        "t_student_s": epoch_samples / student["steady_samples_per_s"],
+        "t_stream_s": epoch_samples / no_cache["steady_samples_per_s"],
+        "teacher_alone": teacher,
+        "student_alone": {k: student[k] for k in RUN_KEYS},
+        "no_cache": {"teacher_images_embedded": no_cache["teacher_images_embedded"]}
+        | {k: no_cache[k] for k in RUN_KEYS},
+        "write_through": {"teacher_images_embedded": write_through["teacher_images_embedded"],
+                          "cache_hits": no_cache["teacher_images_embedded"] - write_through["teacher_images_embedded"]}
+        | {k: write_through[k] for k in RUN_KEYS},
+    }
+    figures["overlap_efficiency"] = (figures["t_teacher_s"] + figures["t_student_s"]) / figures["t_stream_s"]
+    end_to_end = {"t_teacher_s": teacher["seconds"], "t_student_s": student["seconds"] / epochs,
+                  "t_stream_s": no_cache["seconds"] / epochs}
+    end_to_end["overlap_efficiency"] = ((end_to_end["t_teacher_s"] + end_to_end["t_student_s"])
+                                        / end_to_end["t_stream_s"])
+    figures["end_to_end"] = end_to_end
+    figures["cache_saving"] = 1 - write_through["seconds"] / no_cache["seconds"]
+    figures["cache_saving_steady"] = 1 - no_cache["steady_samples_per_s"] / write_through["steady_samples_per_s"]
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="demo", help="demo | tiny | beit3-base | beit3-large (random weights)")
@@ -139,30 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise RuntimeError(f"the student-alone run embedded {student['teacher_images_embedded']} images: the "
                                "write-through run left its cache incomplete")
 
-    samples = epoch * args.batch_size
-    run_keys = ("seconds", "samples", "steady_samples_per_s", "end_to_end_samples_per_s", "startup_s")
-    figures: dict[str, Any] = {
-        "epoch_steps": epoch,
-        "epochs": args.epochs,
-        "t_teacher_s": teacher["images"] / teacher["steady_images_per_s"],
-        "t_student_s": samples / student["steady_samples_per_s"],
-        "t_stream_s": samples / no_cache["steady_samples_per_s"],
-        "teacher_alone": teacher,
-        "student_alone": {k: student[k] for k in run_keys},
-        "no_cache": {"teacher_images_embedded": no_cache["teacher_images_embedded"]}
-        | {k: no_cache[k] for k in run_keys},
-        "write_through": {"teacher_images_embedded": write_through["teacher_images_embedded"],
-                          "cache_hits": no_cache["teacher_images_embedded"] - write_through["teacher_images_embedded"]}
-        | {k: write_through[k] for k in run_keys},
-    }
-    figures["overlap_efficiency"] = (figures["t_teacher_s"] + figures["t_student_s"]) / figures["t_stream_s"]
-    end_to_end = {"t_teacher_s": teacher["seconds"], "t_student_s": student["seconds"] / args.epochs,
-                  "t_stream_s": no_cache["seconds"] / args.epochs}
-    end_to_end["overlap_efficiency"] = ((end_to_end["t_teacher_s"] + end_to_end["t_student_s"])
-                                        / end_to_end["t_stream_s"])
-    figures["end_to_end"] = end_to_end
-    figures["cache_saving"] = 1 - write_through["seconds"] / no_cache["seconds"]
-    figures["cache_saving_steady"] = 1 - no_cache["steady_samples_per_s"] / write_through["steady_samples_per_s"]
+    figures = pipeline_figures(teacher, no_cache, write_through, student, epoch * args.batch_size, args.epochs)
+    figures = {"epoch_steps": epoch, "epochs": args.epochs} | figures
+    end_to_end = figures["end_to_end"]
     config = {k: v for k, v in vars(args).items() if k not in ("out", "tag")} | {"image_size": size}
     out = common.result("pipeline", config, **figures)
     print(common.table(["", "steady", "end to end"], [

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import torch
 
 from raydistill.config import Config, load_config
+from raydistill.data.source import caption_files
+from raydistill.data.sources import read_karpathy
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_DIM = 32
@@ -162,3 +164,12 @@ def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def read_records(cfg: Any) -> dict[str, list[dict[str, Any]]]:
+    """The synthetic source's records by split, read in this process (the pipeline reads them in Ray tasks)."""
+    (_, json_path, image_root, _), = caption_files(cfg)
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for record in read_karpathy(json_path, image_root):
+        by_split.setdefault(record["split"], []).append(record)
+    return by_split

@@ -1,7 +1,8 @@
 """Each benchmark at tiny size: it runs end to end, and its result file holds what it measured, consistently.
 
 A tiny raydistill-format teacher and the `test` student on ~100 synthetic images; one local Ray instance for
-the module (the scaling benchmark starts its own multi-node cluster, so it runs last). No timing assertions:
+the module (the scaling benchmark starts its own multi-node cluster, so it runs last). The stream benchmark
+(``benchmarks.pipeline``) makes four runs of kinds tested elsewhere; its arithmetic is tested here. No timing assertions:
 the figures are checked against each other (a ratio is the quotient of the steady rates it names, a rate is
 the counted items over the measured seconds, start-up is the seconds beyond the items at the steady rate),
 not against expectations of speed.
@@ -126,45 +127,35 @@ def test_train_throughput(tmp_path: Path) -> None:
     assert "| steady samples/s | start-up s | end-to-end samples/s | seconds |" in report.render(tmp_path)
 
 
-def test_pipeline(tmp_path: Path) -> None:
-    out = pipeline.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--batch-size", "32",
-                         "--epochs", "2", "--out", str(tmp_path)])
-    data = _written(tmp_path, "pipeline", out)
-    records = common.synth_records(120, 48)
-    train = sum(r["split"] == "train" for r in records)
-    test = sum(r["split"] == "test" for r in records)
-    epoch = sum(len(r["captions"]) for r in records if r["split"] == "train") // 32
-    assert data["epoch_steps"] == epoch
-    teacher = data["teacher_alone"]
-    assert teacher["images"] == train
-    _split_rates(teacher, "images", train)
-    for run in ("student_alone", "no_cache", "write_through"):
-        assert data[run]["samples"] == 2 * epoch * 32
-        _split_rates(data[run], "samples", 2 * epoch * 32)
-    # Steady state: one epoch at each part's steady rate, and the overlap computed from those.
-    assert math.isclose(data["t_teacher_s"], train / teacher["steady_images_per_s"])
-    assert math.isclose(data["t_student_s"], epoch * 32 / data["student_alone"]["steady_samples_per_s"])
-    assert math.isclose(data["t_stream_s"], epoch * 32 / data["no_cache"]["steady_samples_per_s"])
-    assert math.isclose(data["overlap_efficiency"], (data["t_teacher_s"] + data["t_student_s"]) / data["t_stream_s"])
-    # End to end: whole runs, spread over the epochs.
-    e = data["end_to_end"]
-    assert (e["t_teacher_s"], e["t_student_s"]) == (teacher["seconds"], data["student_alone"]["seconds"] / 2)
-    assert math.isclose(e["t_stream_s"], data["no_cache"]["seconds"] / 2)
-    assert math.isclose(e["overlap_efficiency"], (e["t_teacher_s"] + e["t_student_s"]) / e["t_stream_s"])
-    assert math.isclose(data["cache_saving"], 1 - data["write_through"]["seconds"] / data["no_cache"]["seconds"])
-    assert math.isclose(data["cache_saving_steady"], 1 - data["no_cache"]["steady_samples_per_s"]
-                        / data["write_through"]["steady_samples_per_s"])
-    # Without a cache the teacher embeds the training split again in epoch 2 (the run stops at its last
-    # full batch, so the tail of that epoch may never be pulled); with write-through only in epoch 1.
-    embedded = data["no_cache"]["teacher_images_embedded"]
-    assert train + test < embedded <= 2 * train + test
-    assert data["write_through"]["teacher_images_embedded"] == train + test
-    assert data["write_through"]["cache_hits"] == embedded - (train + test)
-    assert 0 < data["write_through"]["cache_hits"] <= train
+def _run(seconds: float, steady: float, samples: int, **extra: float) -> dict:
+    return {"seconds": seconds, "samples": samples, "steady_samples_per_s": steady,
+            "end_to_end_samples_per_s": samples / seconds, "startup_s": seconds - samples / steady, **extra}
+
+
+def test_pipeline_figures_from_the_four_measurements(tmp_path: Path) -> None:
+    # The stream benchmark's runs are Ray Train runs of the same kind as tests/test_e2e_run.py's (write-through,
+    # then cache mode) and train_throughput's (rates from the reports); its own part is the arithmetic.
+    # Two epochs of 12 steps of 32 (384 caption rows per epoch); the teacher alone embeds 96 images at 48/s.
+    teacher = {"images": 96, "captions": 393, "seconds": 3.0, "steady_images_per_s": 48.0,
+               "end_to_end_images_per_s": 32.0, "startup_s": 1.0}
+    student = _run(10.0, 192.0, 768)
+    no_cache = _run(16.0, 128.0, 768, teacher_images_embedded=200)
+    write_through = _run(12.0, 160.0, 768, teacher_images_embedded=108)
+    figures = pipeline.pipeline_figures(teacher, no_cache, write_through, student, epoch_samples=384, epochs=2)
+    # One epoch at the steady rates: teacher 96 / 48 = 2 s, student 384 / 192 = 2 s, stream 384 / 128 = 3 s.
+    assert (figures["t_teacher_s"], figures["t_student_s"], figures["t_stream_s"]) == (2.0, 2.0, 3.0)
+    assert math.isclose(figures["overlap_efficiency"], 4 / 3)
+    # Whole runs spread over 2 epochs: teacher 3 s, student 10 / 2, stream 16 / 2: (3 + 5) / 8.
+    assert figures["end_to_end"] == {"t_teacher_s": 3.0, "t_student_s": 5.0, "t_stream_s": 8.0,
+                                     "overlap_efficiency": 1.0}
+    assert math.isclose(figures["cache_saving"], 1 - 12 / 16)
+    assert math.isclose(figures["cache_saving_steady"], 1 - 128 / 160)
+    assert figures["write_through"]["cache_hits"] == 92 and figures["teacher_alone"] == teacher
+    assert figures["student_alone"] == student and figures["no_cache"] == no_cache
     from benchmarks import report
 
-    md = report.render(tmp_path)
-    assert f"| {round(data['overlap_efficiency'], 3):,.3f} | {round(e['overlap_efficiency'], 3):,.3f} |" in md
+    common.write_result(common.result("pipeline", {"epochs": 2}, epoch_steps=12, epochs=2, **figures), tmp_path)
+    assert "| 1.333 | 1.000 |" in report.render(tmp_path)
 
 
 def test_quality(tmp_path: Path) -> None:

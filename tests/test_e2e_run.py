@@ -1,8 +1,8 @@
 """End to end on a real local Ray instance, a real MLflow SQLite store and real files.
 
 One Ray instance serves the module. Each run is tiny (a 0.05 M-parameter student, 120 synthetic images),
-so what is exercised is the machinery: teacher actor pool, cache, Ray Train, eval and MLflow (recovery from
-killed workers, actors and drivers: test_reliability.py, test_resume_cli.py).
+so what is exercised is the machinery: teacher actor pool, cache, Ray Train, eval, MLflow, and recovery from a
+killed Train worker (killed teacher actors and drivers: test_reliability.py, test_resume_cli.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from e2e_helpers import (
+    BATCH,
+    TEACHER_DIM,
+    assert_same_state,
+    make_tiny_teacher,
+    read_records,
+    tiny_config,
+    uninterrupted_reference,
+)
 from mlflow.tracking import MlflowClient
 
-from e2e_helpers import TEACHER_DIM, make_tiny_teacher, tiny_config
 from raydistill.pipeline.cache import CacheError, EmbeddingCache
 from raydistill.pipeline.runner import embed, run_experiment
+from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -48,10 +57,9 @@ def _check_recall(metrics: dict[str, float]) -> None:
 def _check_stream_run(summary: dict, planned: int) -> None:
     """What every stream run leaves: the training state, the exported student, recall, the MLflow record."""
     assert summary["planned_steps"] == planned and summary["steps"] == planned
-    assert summary["resumed_from_step"] is None
 
     # The final checkpoint holds the whole training state.
-    state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=True)
+    state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
     assert state["step"] == planned
     assert state["balancer"]["_extra_state"]["step"] == planned
     assert int(state["objective"]["queue_img.ptr"]) == (planned * 32) % 100  # an enqueue of 32 per step, queue 100
@@ -102,10 +110,21 @@ def test_stream_run_with_write_through_then_cache_mode_runs_the_teacher_once(env
     cache_dir = tmp_path / "cache"
     pools_before = _teacher_pools()
     # Two epochs of a 96-image training split: the first streams through the teacher and writes through, the
-    # second reads the cache and starts no teacher actor.
+    # second reads the cache and starts no teacher actor. Shuffling is on (a seeded global order per epoch and a
+    # window shuffle of caption rows), and the Train worker is killed two steps after a checkpoint taken a few
+    # steps into the second epoch: the restarted worker must skip the batches of that epoch it already trained on.
     cfg = tiny_config(env["teacher"], tmp_path, extra=[f"cache.dir={cache_dir}", "train.steps=null",
-                                                       "train.epochs=2"], steps=1)
-    summary = run_experiment(cfg)
+                                                       "train.epochs=2", "train.shuffle=global",
+                                                       "train.shuffle_buffer=64", "train.log_every=1"], steps=1)
+    per_epoch = sum(len(r["captions"]) for r in read_records(cfg)["train"]) // BATCH
+    every = cfg.train.checkpoint_every
+    resume_at = (per_epoch // every + 1) * every  # the first checkpoint inside the second epoch
+    marker = tmp_path / "worker-killed"
+    os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"{resume_at + 2}:{marker}"
+    try:
+        summary = run_experiment(cfg)
+    finally:
+        os.environ.pop("RAYDISTILL_KILL_WORKER_AT")
     # A local instance runs no preemption watcher (ray_env.LOCAL_RAY_ENV; tests/conftest.py sets it as
     # `raydistill run` does).
     actors = _actor_classes()
@@ -115,12 +134,32 @@ def test_stream_run_with_write_through_then_cache_mode_runs_the_teacher_once(env
     assert set(done) == {"train", "test"}
     n_images = done["train"]["images"] + done["test"]["images"]
     n_captions = done["train"]["captions"] + done["test"]["captions"]
-    # Each image and caption embedded once in two epochs: epoch 2 read the cache.
+    # Each image and caption embedded once in two epochs: epoch 2 (and the restarted worker) read the cache.
     assert summary["teacher_images_embedded"] == n_images
     assert summary["teacher_captions_embedded"] == n_captions
     assert _teacher_pools() - pools_before == 2  # the test split's pass, and epoch 1's stream
     assert summary["dataset_images"] == n_images and summary["dataset_captions"] == n_captions
-    _check_stream_run(summary, planned=2 * (done["train"]["captions"] // 32))
+    planned = 2 * per_epoch
+    _check_stream_run(summary, planned=planned)
+
+    # The worker died once; the run resumed from the checkpoint before, and ended in exactly the state of an
+    # uninterrupted run of the same seed, computed here without Ray from the same rows in the same order:
+    # student, optimizer moments, LR schedule, teacher-embedding queues, balancer history, RNG.
+    assert marker.read_text() == f"killed at step {resume_at + 2}\n"
+    assert summary["resumed_from_step"] == resume_at
+    state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
+    assert (state["step"], state["epoch"], state["epoch_start_step"]) == (planned, 1, per_epoch)
+    reference, outputs = uninterrupted_reference(cfg, Path(summary["run_dir"]), cache_dir, planned)
+    assert_same_state(state, reference.state_dict())
+    # The loss curve is continuous: each step once, with the uninterrupted run's values, in the checkpoint's
+    # history and in MLflow (the steps trained again after the restart were not logged twice).
+    history = json.loads((Path(summary["checkpoint"]) / HISTORY_FILE).read_text())
+    assert [h["step"] for h in history] == list(range(1, planned + 1))
+    for h in history:
+        assert {k: v for k, v in h.items() if k != "step"} == {
+            k: v for k, v in outputs[h["step"]].items() if k.startswith(("loss/", "weight/"))}
+    logged = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(summary["run_id"], "loss/contrastive")
+    assert sorted(m.value for m in logged) == pytest.approx(sorted(outputs[k]["loss/contrastive"] for k in outputs))
 
     # embed resumes: train and test are complete, so only the validation split (never used by the run) is new.
     again = embed(cfg)

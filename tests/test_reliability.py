@@ -1,13 +1,9 @@
 """Reliability: runs survive killed workers, killed teacher actors and full disks, and end where they should.
 
-Two Ray runs on one local instance (a 0.05 M-parameter student, 120 synthetic images):
-
-- a teacher actor killed mid-pass while ``embed`` resumes a partial cache: every image and caption ends up
-  in the cache exactly once, and only the missing images were embedded;
-- a student worker killed mid-epoch, with shuffling on (a seeded global order per epoch and a window shuffle
-  of caption rows): the run resumes from its last checkpoint and ends in exactly the state of an uninterrupted
-  run with the same seed, computed here without Ray from the same rows in the same order (student, optimizer,
-  scheduler, queues, balancer, loss curve).
+On a local Ray instance: a teacher actor killed mid-pass while ``embed`` resumes a partial cache (a
+0.05 M-parameter teacher, 120 synthetic images): every image and caption ends up in the cache exactly once, and
+only the missing images were embedded. A student worker killed mid-epoch is tested in the stream run of
+tests/test_e2e_run.py, a killed driver in tests/test_resume_cli.py.
 
 The rest needs no Ray: atomic checkpoint writes on a full disk, recovery skipping a truncated checkpoint,
 unwritable output folders, and a split with no images. Bad images, bad dataset files, bad teacher checkpoints,
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -30,24 +25,26 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-
 from e2e_helpers import (
-    BATCH,
     TEACHER_DIM,
-    assert_same_state,
     decoded_rows,
     make_tiny_teacher,
+    read_records,
     tiny_config,
-    uninterrupted_reference,
 )
+
 from raydistill.config import ConfigError, config_from_dict
-from raydistill.data.source import caption_files, source_identity
-from raydistill.data.sources import read_karpathy
+from raydistill.data.source import source_identity
 from raydistill.pipeline.cache import EmbeddingCache
 from raydistill.pipeline.runner import embed, run_experiment
 from raydistill.pipeline.teacher_side import cache_key, teacher_spec
 from raydistill.pipeline.teacher_stage import TeacherEmbedder
-from raydistill.pipeline.trainer import HISTORY_FILE, STATE_FILE, Trainer, latest_checkpoint
+from raydistill.pipeline.trainer import (
+    HISTORY_FILE,
+    STATE_FILE,
+    Trainer,
+    latest_checkpoint,
+)
 
 TEACHER_BATCH = 16  # teacher.pool.batch_size of the embed test: several teacher batches per pass
 
@@ -57,18 +54,6 @@ def _column(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
-
-
-def read_records(cfg: Any) -> dict[str, list[dict[str, Any]]]:
-    """The synthetic source's records by split, read in this process (the pipeline reads them in Ray tasks)."""
-    (_, json_path, image_root, _), = caption_files(cfg)
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for record in read_karpathy(json_path, image_root):
-        by_split.setdefault(record["split"], []).append(record)
-    return by_split
-
-
-
 
 
 def _rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
@@ -167,20 +152,12 @@ def test_an_unwritable_output_location_stops_the_run_before_it_starts(tmp_path: 
 def ray_env(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("reliability")
     teacher = make_tiny_teacher(home / "teacher")
-    records = read_records(tiny_config(teacher, home / "probe"))
-    per_epoch = sum(len(r["captions"]) for r in records["train"]) // BATCH
-    # The worker dies two steps after a checkpoint taken three steps into the second epoch, so the resumed
-    # worker must skip the batches of that epoch it already trained on.
-    plan = {"per_epoch": per_epoch, "checkpoint_every": per_epoch + 3, "kill_at": per_epoch + 5,
-            "planned": per_epoch + 6}
-    markers = {"worker": home / "worker-killed", "teacher": home / "teacher-killed"}
+    marker = home / "teacher-killed"
     # Set before Ray starts: its worker processes inherit the environment.
-    os.environ["RAYDISTILL_KILL_WORKER_AT"] = f"{plan['kill_at']}:{markers['worker']}"
-    os.environ["RAYDISTILL_KILL_TEACHER_AT"] = f"2:{markers['teacher']}"
+    os.environ["RAYDISTILL_KILL_TEACHER_AT"] = f"2:{marker}"
     ray.init(address="local", num_cpus=6, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield {"teacher": teacher, "markers": markers, **plan}
+    yield {"teacher": teacher, "marker": marker}
     ray.shutdown()
-    os.environ.pop("RAYDISTILL_KILL_WORKER_AT", None)
     os.environ.pop("RAYDISTILL_KILL_TEACHER_AT", None)
 
 
@@ -205,7 +182,7 @@ def test_a_teacher_actor_killed_mid_pass_leaves_every_image_embedded_once(ray_en
     summary = embed(cfg)
 
     # The actor died right after writing its second part of the training pass (of four: 64 images left).
-    assert ray_env["markers"]["teacher"].read_text() == "teacher actor killed after writing part 2\n"
+    assert ray_env["marker"].read_text() == "teacher actor killed after writing part 2\n"
     n_images = {s: len(records[s]) for s in splits}
     n_captions = {s: sum(len(r["captions"]) for r in records[s]) for s in splits}
     assert summary["splits"] == {s: {"images": n_images[s], "captions": n_captions[s]} for s in splits}
@@ -234,34 +211,3 @@ def test_a_teacher_actor_killed_mid_pass_leaves_every_image_embedded_once(ray_en
         row = by_id[record["image_id"]]
         np.testing.assert_allclose(np.asarray(row["t_img"]), reference["t_img"][i], atol=1e-5)
         np.testing.assert_allclose(np.asarray(row["t_txt"]).reshape(-1, TEACHER_DIM), reference["t_txt"][i], atol=1e-5)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_worker_killed_mid_epoch_resumes_to_the_state_of_an_uninterrupted_run(ray_env: dict,
-                                                                                tmp_path: Path) -> None:
-    planned, every, per_epoch = ray_env["planned"], ray_env["checkpoint_every"], ray_env["per_epoch"]
-    cache_dir = tmp_path / "cache"
-    cfg = tiny_config(ray_env["teacher"], tmp_path, steps=planned, extra=[
-        f"train.checkpoint_every={every}", "train.log_every=1", "tracking.enabled=false", "train.max_failures=2",
-        f"cache.dir={cache_dir}", "train.shuffle=global", "train.shuffle_buffer=64",
-    ])
-    summary = run_experiment(cfg)
-
-    assert ray_env["markers"]["worker"].read_text() == f"killed at step {ray_env['kill_at']}\n"
-    assert summary["steps"] == summary["planned_steps"] == planned
-    assert summary["resumed_from_step"] == every  # the checkpoint before the kill, in the second epoch
-    state = torch.load(Path(summary["checkpoint"]) / STATE_FILE, weights_only=True)
-    assert (state["step"], state["epoch"], state["epoch_start_step"]) == (planned, 1, per_epoch)
-
-    reference, outputs = uninterrupted_reference(cfg, Path(summary["run_dir"]), cache_dir, planned)
-    # Student, optimizer moments, LR schedule, teacher-embedding queues, balancer history, RNG: all equal.
-    assert_same_state(state, reference.state_dict())
-
-    # The loss curve is continuous: each step logged once, with the uninterrupted run's values.
-    history = json.loads((Path(summary["checkpoint"]) / HISTORY_FILE).read_text())
-    assert [h["step"] for h in history] == list(range(1, planned + 1))
-    for h in history:
-        expected = outputs[h["step"]]
-        assert {k: v for k, v in h.items() if k != "step"} == {
-            k: v for k, v in expected.items() if k.startswith(("loss/", "weight/"))}
