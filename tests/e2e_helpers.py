@@ -47,6 +47,7 @@ def tiny_overrides(teacher: Path, output_dir: Path, steps: int = 6, batch: int =
         "train.log_every=2",
         "distill.queue_size=100",
         "ray.no_progress_timeout_s=300",
+        "ray.shuffle_partitions=2",  # a few hundred rows: 16 sort partitions would be 16 tasks for nothing
     ]
 
 

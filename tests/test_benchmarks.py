@@ -1,8 +1,9 @@
 """Each benchmark at tiny size: it runs end to end, and its result file holds what it measured, consistently.
 
 A tiny raydistill-format teacher and the `test` student on ~100 synthetic images; one local Ray instance for
-the module (the scaling benchmark starts its own multi-node cluster, so it runs last). The stream benchmark
-(``benchmarks.pipeline``) makes four runs of kinds tested elsewhere; its arithmetic is tested here. No timing assertions:
+the module. The stream benchmark (``benchmarks.pipeline``) and the scaling benchmark (``benchmarks.scaling``)
+make Train runs of kinds tested end to end elsewhere (write-through then cache mode in tests/test_e2e_run.py,
+two workers on two nodes in tests/test_placement.py); their arithmetic is tested here. No timing assertions:
 the figures are checked against each other (a ratio is the quotient of the steady rates it names, a rate is
 the counted items over the measured seconds, start-up is the seconds beyond the items at the steady rate),
 not against expectations of speed.
@@ -216,17 +217,3 @@ def test_scaling_efficiency_is_relative_to_the_smallest_worker_count() -> None:
             {"workers": 8, "samples_per_s": 400.0}]
     scaling.add_efficiency(rows)  # per worker at 2 workers: 100 samples/s
     assert [r["efficiency"] for r in rows] == [0.75, 1.0, 0.5]
-
-
-def test_scaling(tmp_path: Path) -> None:
-    # Two workers on a three-node cluster: DDP between raylets, the sharded cache feed. (A 1-worker leg would
-    # add a Train run of fixed start-up to the suite; the efficiency arithmetic is tested above.)
-    ray.shutdown()  # the benchmark builds its own local multi-node cluster
-    out = scaling.main(["--teacher", "tiny", "--student", "test", "--images", "120", "--workers", "2",
-                        "--steps", "6", "--log-every", "2", "--batch-size", "16", "--out", str(tmp_path)])
-    data = _written(tmp_path, "scaling", out)
-    assert [(r["workers"], r["steps"], r["efficiency"]) for r in data["rows"]] == [(2, 6, 1.0)]
-    row = data["rows"][0]
-    _split_rates({"steady_samples_per_s": row["samples_per_s"], "seconds": row["train_seconds"],
-                  **{k: row[k] for k in ("end_to_end_samples_per_s", "startup_s")}}, "samples", 2 * 6 * 16)
-    assert data["config"]["nodes"] == 3  # a head and one node per worker

@@ -64,7 +64,7 @@ def tiny_overrides(teacher_dir: Path, work: Path) -> list[str]:
         "train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1",
         "train.shuffle_buffer=0", "distill.queue_size=32", "eval.batch_size=32",
         f"output_dir={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-        "ray.no_progress_timeout_s=180",
+        "ray.no_progress_timeout_s=180", "ray.shuffle_partitions=2",
     ]
 
 

@@ -556,7 +556,8 @@ def _overrides(root: Path, steps: int = STEPS, eval_every: int = EVAL_EVERY,
     return ["teacher.kind=raydistill", f"teacher.checkpoint={root / 'teacher'}", "data.synth.n_images=200",
             f"train.steps={steps}", "train.batch_size=32", f"train.eval_every={eval_every}", "train.log_every=2",
             f"train.checkpoint_every={steps}", "distill.queue_size=64", "student.vocab_size=200",
-            f"output_dir={root / 'out'}", "ray.num_cpus=8", f"tracking.experiment={experiment}"]
+            f"output_dir={root / 'out'}", "ray.num_cpus=8", "ray.shuffle_partitions=2",
+            f"tracking.experiment={experiment}"]
 
 
 def _env(root: Path) -> dict[str, str]:
