@@ -1,11 +1,12 @@
 """Placement on a heterogeneous cluster, and the dashboard metrics of a real run.
 
 A local multi-node Ray cluster (``ray.cluster_utils.Cluster``) mirrors ``clusters/aws.yaml``: a head with no
-CPUs for work, a ``teacher`` node and a ``student`` node, each with the node label ``raydistill/role`` and its
-custom resource (``teacher_gpu`` / ``student_gpu``). A tiny distillation (``configs/quick.yaml`` shrunk, with
-the placement keys of ``configs/cluster-flickr30k-beit3-base.yaml``; CPU instead of GPUs) runs on it, and the
-Ray State API then shows where each actor lived: every teacher actor on the teacher node, every Train worker
-on the student node. While it runs, every node's Prometheus endpoint is scraped for raydistill's metrics.
+CPUs for work, a ``teacher`` node and two ``student`` nodes, each with the node label ``raydistill/role`` and
+its custom resource (``teacher_gpu`` / ``student_gpu``). A tiny distillation (``configs/quick.yaml`` shrunk,
+with the placement keys of ``configs/cluster-flickr30k-beit3-base.yaml``; CPU instead of GPUs) runs on it with
+two Train workers, so DDP runs between two raylets and the teacher's stream is split between the workers; the
+Ray State API then shows where each actor lived: every teacher actor on the teacher node, one Train worker on
+each student node. While it runs, every node's Prometheus endpoint is scraped for raydistill's metrics.
 
 The cluster runs in a child process (this file's ``__main__``) with an explicit environment
 (``RAY_AUTH_MODE=disabled``, its own ``--temp-dir``), so no Ray state leaks into or out of the test process.
@@ -61,7 +62,7 @@ def tiny_overrides(teacher_dir: Path, work: Path) -> list[str]:
         "teacher.pool.batch_size=16", "teacher.infer_batch_size=16",
         "data.synth.n_images=40", "data.synth.image_size=32", "data.decode_size=32",
         "student.preset=test", "student.vocab_size=200",
-        "train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1",
+        "train.steps=6", "train.batch_size=8", "train.num_workers=2", "train.checkpoint_every=3", "train.log_every=1",
         "train.shuffle_buffer=0", "distill.queue_size=32", "eval.batch_size=32",
         f"output_dir={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
         "ray.no_progress_timeout_s=180", "ray.shuffle_partitions=2",
@@ -95,9 +96,9 @@ def _scrape(nodes: list[dict[str, Any]], seen: dict[str, set[str]]) -> None:
         seen.setdefault(node["NodeID"], set()).update(names)
 
 
-def _start_cluster(work: Path, attempts: int = 3) -> tuple[Any, Any, Any, int]:
-    """A head with no CPUs for work, a teacher node and a student node (labels and custom resources as in
-    clusters/aws.yaml). Returns the cluster, the two worker nodes and the dashboard port.
+def _start_cluster(work: Path, attempts: int = 3) -> tuple[Any, Any, list[Any], int]:
+    """A head with no CPUs for work, a teacher node and two student nodes (labels and custom resources as in
+    clusters/aws.yaml). Returns the cluster, the teacher node, the student nodes and the dashboard port.
 
     On a busy machine a node can fail to start (the raylet gives up waiting for its dashboard agent, or the
     dashboard misses its start-up deadline: fixed waits inside Ray); the attempt's processes are then stopped
@@ -114,8 +115,9 @@ def _start_cluster(work: Path, attempts: int = 3) -> tuple[Any, Any, Any, int]:
                              dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                              _system_config={"metrics_report_interval_ms": 1000})
             teacher = cluster.add_node(num_cpus=3, resources={"teacher_gpu": 1}, labels={ROLE: "teacher"})
-            student = cluster.add_node(num_cpus=3, resources={"student_gpu": 1}, labels={ROLE: "student"})
-            return cluster, teacher, student, dashboard_port
+            students = [cluster.add_node(num_cpus=2, resources={"student_gpu": 1}, labels={ROLE: "student"})
+                        for _ in range(2)]
+            return cluster, teacher, students, dashboard_port
         except Exception as err:  # start-up only: nothing of the code under test has run yet
             if attempt == attempts:
                 raise
@@ -129,7 +131,7 @@ def _start_cluster(work: Path, attempts: int = 3) -> tuple[Any, Any, Any, int]:
 
 
 def run_cluster_check(work: Path) -> dict[str, Any]:
-    """Start the three-node cluster, run the tiny distillation, return where things ran and what was exported."""
+    """Start the four-node cluster, run the tiny distillation, return where things ran and what was exported."""
     import ray
     from ray.util.state import list_actors
 
@@ -140,7 +142,7 @@ def run_cluster_check(work: Path) -> dict[str, Any]:
     # The config first: a bad override fails before any process starts.
     cfg = load_config(REPO / "configs" / "quick.yaml",
                       tiny_overrides(build_tiny_teacher(work / "teacher"), work) + _placement_overrides())
-    cluster, teacher_node, student_node, dashboard_port = _start_cluster(work)
+    cluster, teacher_node, student_nodes, dashboard_port = _start_cluster(work)
     try:
         ray.init(address=cluster.address)
         ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
@@ -187,7 +189,7 @@ def run_cluster_check(work: Path) -> dict[str, Any]:
             "summary": outcome.get("summary"),
             "rates": rates,
             "teacher_node": teacher_node.node_id,
-            "student_node": student_node.node_id,
+            "student_nodes": [node.node_id for node in student_nodes],
             "node_roles": nodes,
             "actors": [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state,
                         "repr_name": getattr(a, "repr_name", "")} for a in actors],
@@ -299,13 +301,15 @@ def test_teacher_actors_on_teacher_node_workers_on_student_node_and_metrics_expo
 
     # Where the actors ran.
     roles = result["node_roles"]
-    assert roles[result["teacher_node"]] == "teacher" and roles[result["student_node"]] == "student"
+    students = set(result["student_nodes"])
+    assert roles[result["teacher_node"]] == "teacher" and {roles[n] for n in students} == {"student"}
     teacher_actors = [a for a in result["actors"] if "TeacherEmbedder" in (a["class_name"] + a["repr_name"])]
     train_workers = [a for a in result["actors"] if a["class_name"] == "RayTrainWorker"]
     assert teacher_actors, [a["class_name"] for a in result["actors"]]
     assert train_workers, [a["class_name"] for a in result["actors"]]
     assert {a["node_id"] for a in teacher_actors} == {result["teacher_node"]}
-    assert {a["node_id"] for a in train_workers} == {result["student_node"]}
+    # One worker per student node (each holds one student_gpu unit): DDP between two raylets.
+    assert sorted(a["node_id"] for a in train_workers) == sorted(students)
 
     # The dashboard metrics, on the Prometheus endpoints.
     everywhere = set().union(*map(set, result["metrics_by_node"].values()))
@@ -317,8 +321,8 @@ def test_teacher_actors_on_teacher_node_workers_on_student_node_and_metrics_expo
         *(f"ray_raydistill_train_weight_{term}" for term in ("feature", "cosine", "contrastive", "hard_negative")),
     }
     assert expected <= everywhere, sorted(expected - everywhere)
-    # Training gauges come from the rank-0 worker, so from the student node's endpoint.
-    assert "ray_raydistill_train_step_time_s" in result["metrics_by_node"][result["student_node"]]
+    # Training gauges come from the rank-0 worker, so from a student node's endpoint.
+    assert any("ray_raydistill_train_step_time_s" in result["metrics_by_node"].get(n, []) for n in students)
     # 64 images and 320 captions in a batch of 2 s, the first recorded: 32 images/s, 160 captions/s.
     assert result["rates"] == {"images_per_s": 32.0, "captions_per_s": 160.0}
     teacher_metrics = set(result["metrics_by_node"][result["teacher_node"]])
