@@ -80,7 +80,7 @@ def _arm_overrides(quick: bool, output_dir: str, seed: int) -> list[str]:
         # demo's; every stage still runs: teacher pool, cache, Ray Train, validation, checkpoint, eval, MLflow).
         common += ["data.synth.n_images=400", f"train.steps={QUICK_STEPS}", "train.batch_size=64",
                    "train.eval_every=5", f"train.checkpoint_every={QUICK_STEPS}", "train.log_every=5",
-                   "distill.queue_size=1024"]
+                   "distill.queue_size=1024", "ray.shuffle_partitions=4"]
     else:
         common += ["train.eval_every=50"]
     return common
