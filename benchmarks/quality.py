@@ -63,7 +63,8 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = copy.deepcopy(value)
 
 
-def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -> dict[str, Any]:
+def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -> Any:
+    """The typed config of one arm at one learning rate and seed, from the benchmark's base config (a dict)."""
     from raydistill.config import config_from_dict
 
     raw = copy.deepcopy(base)
@@ -71,7 +72,7 @@ def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -
     for key, value in ARMS[arm].items():
         _set(raw, key, value)
     raw["train"]["lr"], raw["train"]["seed"] = lr, seed
-    return config_from_dict(raw).model_dump(mode="json")
+    return config_from_dict(raw)
 
 
 def reusable_cache_dir(cfg: Any) -> Path:
@@ -108,7 +109,7 @@ def evaluate(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_len: in
     return student_metrics(emb, cfg.eval.chunk_size)
 
 
-def train_arm(cfg: dict[str, Any], rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int) -> Any:
+def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int) -> Any:
     """Train one student with the workers' training step; returns the model."""
     import random
 
@@ -116,14 +117,14 @@ def train_arm(cfg: dict[str, Any], rows: dict[str, np.ndarray], dim: int, vocab:
 
     from raydistill.pipeline.trainer import Trainer
 
-    seed = cfg["train"]["seed"]
+    seed = cfg.train.seed
     random.seed(seed)
     np.random.seed(seed)
     trainer = Trainer(cfg, dim, vocab, steps, torch.device("cpu"))
     keys = [k for k in ("pixels", "input_ids", "attention_mask", "image_key", "sample_key", "t_img", "t_txt")
             if k in rows]
     tensors = {k: torch.as_tensor(rows[k]) for k in keys}
-    n, batch = len(rows["input_ids"]), cfg["train"]["batch_size"]
+    n, batch = len(rows["input_ids"]), cfg.train.batch_size
     rng = np.random.default_rng(seed)
     while trainer.step < steps:
         order = torch.as_tensor(rng.permutation(n))

@@ -131,7 +131,7 @@ def uninterrupted_reference(cfg: Any, run_dir: Path, cache_dir: Path, planned: i
         seed = cfg.train.seed
         random.seed(seed)
         np.random.seed(seed)
-        trainer = Trainer(cfg.model_dump(mode="json"), TEACHER_DIM, len(tokenizer), planned, torch.device("cpu"))
+        trainer = Trainer(cfg, TEACHER_DIM, len(tokenizer), planned, torch.device("cpu"))
         outputs: dict[int, dict[str, float]] = {}
         while trainer.step < planned:
             rows = _epoch_rows(cfg, cache_dir, tokenizer, trainer.epoch)

@@ -72,7 +72,7 @@ def _cache_rows(cache_dir: Path, splits: tuple[str, ...] = ("train", "val", "tes
 @pytest.fixture()
 def trainer() -> Trainer:
     cfg = config_from_dict({"student": {"preset": "test"}, "distill": {"queue_size": 16}})
-    return Trainer(cfg.model_dump(mode="json"), embed_dim=16, vocab_size=60, planned_steps=10,
+    return Trainer(cfg, embed_dim=16, vocab_size=60, planned_steps=10,
                    device=torch.device("cpu"))
 
 

@@ -24,7 +24,7 @@ DIM, VOCAB, BATCH = 16, 60, 8
 def _trainer(**train: Any) -> Trainer:
     cfg = config_from_dict({"student": {"preset": "test"}, "distill": {"queue_size": 16},
                             "train": {"batch_size": BATCH, **train}})
-    return Trainer(cfg.model_dump(mode="json"), embed_dim=DIM, vocab_size=VOCAB, planned_steps=10,
+    return Trainer(cfg, embed_dim=DIM, vocab_size=VOCAB, planned_steps=10,
                    device=torch.device("cpu"))
 
 

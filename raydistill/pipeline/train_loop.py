@@ -135,7 +135,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     plan = config["plan"]
     typed = plan.cfg
     configure_data_context(typed)
-    cfg = typed.model_dump(mode="json")
     train = typed.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -145,7 +144,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     random.seed(train.seed + rank)
     np.random.seed(train.seed + rank)
 
-    trainer = Trainer(cfg, config["embed_dim"], len(plan.tokenizer), config["planned_steps"], device,
+    trainer = Trainer(typed, config["embed_dim"], len(plan.tokenizer), config["planned_steps"], device,
                       wrap_model=ray.train.torch.prepare_model if world > 1 else None)
     # The newest complete checkpoint: Ray Train's own, or a newer one on disk that its controller never
     # registered (a worker or driver killed right after writing it).

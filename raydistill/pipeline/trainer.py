@@ -16,10 +16,13 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from raydistill.config import Config
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -96,7 +99,7 @@ class Trainer:
     """One rank's training state and step; used by :func:`train_loop` (and by benchmarks without Ray).
 
     Args:
-        cfg: the resolved run config as a dict (``Config.model_dump()``).
+        cfg: the run's typed config (``raydistill.config.Config``).
         embed_dim: output dimension (the teacher's, or ``student.embed_dim``).
         vocab_size: the tokenizer's vocabulary size.
         planned_steps: total optimizer steps.
@@ -109,7 +112,7 @@ class Trainer:
             moved neither the learning-rate schedule, the balancer nor the teacher-embedding queues.
     """
 
-    def __init__(self, cfg: dict[str, Any], embed_dim: int, vocab_size: int, planned_steps: int, device: torch.device,
+    def __init__(self, cfg: Config, embed_dim: int, vocab_size: int, planned_steps: int, device: torch.device,
                  wrap_model=None) -> None:
         from raydistill.method import balancers, losses
         from raydistill.models.student import build_student, student_overrides
@@ -117,51 +120,51 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.planned_steps = planned_steps
-        train, distill = cfg["train"], cfg["distill"]
-        torch.manual_seed(train["seed"])
+        train, distill, student = cfg.train, cfg.distill, cfg.student
+        torch.manual_seed(train.seed)
         model = build_student(
-            cfg["student"]["preset"],
+            student.preset,
             embed_dim=embed_dim,
             vocab_size=vocab_size,
-            vision_weights=cfg["student"].get("vision_weights"),
-            text_weights=cfg["student"].get("text_weights"),
-            **student_overrides(cfg["student"]),
+            vision_weights=student.vision_weights,
+            text_weights=student.text_weights,
+            **student_overrides(student.model_dump()),
         ).to(device)
         self.raw_model = model
         self.model = wrap_model(model) if wrap_model else model
-        self.distill = distill["objective"] == "dsmd"
+        self.distill = distill.objective == "dsmd"
         if self.distill:
             self.objective = losses.DSMDObjective(
                 dim=embed_dim,
-                queue_size=distill["queue_size"],
-                temperature=distill["temperature"],
-                margin=distill["margin"],
-                max_violation=distill["max_violation"],
-                mask_same_image=distill["mask_same_image"],
-                terms=tuple(distill["terms"]),
-                seed=train["seed"],
+                queue_size=distill.queue_size,
+                temperature=distill.temperature,
+                margin=distill.margin,
+                max_violation=distill.max_violation,
+                mask_same_image=distill.mask_same_image,
+                terms=tuple(distill.terms),
+                seed=train.seed,
             ).to(device)
             self.balancer = balancers.make_balancer(
-                cfg["balancer"]["kind"], names=list(distill["terms"]), **cfg["balancer"]["params"]
+                cfg.balancer.kind, names=list(distill.terms), **cfg.balancer.params
             ).to(device)
         else:
             self.objective = losses.GroundTruthContrastive(
-                init_temperature=distill["gt_temperature"], learnable=distill["gt_learnable_temperature"]
+                init_temperature=distill.gt_temperature, learnable=distill.gt_learnable_temperature
             ).to(device)
             self.balancer = balancers.make_balancer("fixed", names=["contrastive_gt"]).to(device)
         self.extra_params = [p for p in list(self.objective.parameters()) + list(self.balancer.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.model.parameters() if p.requires_grad]},
              {"params": self.extra_params, "weight_decay": 0.0}],
-            lr=train["lr"],
-            betas=(0.9, train["adam_beta2"]),
-            weight_decay=train["weight_decay"],
+            lr=train.lr,
+            betas=(0.9, train.adam_beta2),
+            weight_decay=train.weight_decay,
         )
-        warmup = int(train["warmup_fraction"] * planned_steps)
+        warmup = int(train.warmup_fraction * planned_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train["schedule"], planned_steps, warmup, train["step_decay_at"])
+            self.optimizer, lr_lambda(train.schedule, planned_steps, warmup, train.step_decay_at)
         )
-        amp = train["amp"]
+        amp = train.amp
         if amp == "auto":
             amp = "bf16" if device.type == "cuda" else "off"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -255,7 +258,7 @@ class Trainer:
         else:
             total.backward()
         _sync_grads(self.extra_params)
-        clip = self.cfg["train"]["grad_clip"]
+        clip = self.cfg.train.grad_clip
         if clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         skipped = False
