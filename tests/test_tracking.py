@@ -17,18 +17,27 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_metric_name
 from PIL import Image
 
-from raydistill.plots import pareto_front, plot_balancer_weights, plot_pareto, plot_rsum_curves
+from raydistill.plots import (
+    pareto_front,
+    plot_balancer_weights,
+    plot_pareto,
+    plot_rsum_curves,
+)
 from raydistill.tracking import (
     LOCAL_METRICS_FILE,
     Tracker,
@@ -140,19 +149,34 @@ def _kept(local_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [r for r in lines if r["kind"] != "run"], [r for r in lines if r["kind"] == "run"]
 
 
+class _Records(logging.Handler):
+    """Every record the tracker's logger emits during a test."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_TRACKER_RECORDS = _Records()
+
+
 @pytest.fixture(autouse=True)
-def _listen_on_the_trackers_logger(caplog: pytest.LogCaptureFixture):
-    """caplog listens on the root logger, which libraries used by earlier tests in the same process may
-    reconfigure; listen on the tracker's own logger as well (records seen twice are counted once)."""
+def _listen_on_the_trackers_logger() -> Iterator[None]:
+    """A handler of our own on the tracker's logger, from the test's setup to its teardown. (pytest's caplog
+    listens on the root logger with one handler per test phase: libraries used by earlier tests in the same
+    process may reconfigure the root logger, and a fixture only sees the setup phase's handler.)"""
     logger = logging.getLogger("raydistill.tracking")
-    logger.addHandler(caplog.handler)
+    _TRACKER_RECORDS.records.clear()
+    logger.addHandler(_TRACKER_RECORDS)
     yield
-    logger.removeHandler(caplog.handler)
+    logger.removeHandler(_TRACKER_RECORDS)
 
 
-def _outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    records = {id(r): r for r in caplog.records}.values()
-    return [r.getMessage() for r in records if r.name == "raydistill.tracking" and r.levelno == logging.WARNING]
+def _outage_warnings() -> list[str]:
+    return [r.getMessage() for r in _TRACKER_RECORDS.records if r.levelno == logging.WARNING]
 
 
 def _train(tracker: Tracker, steps: range) -> float:
@@ -360,7 +384,7 @@ def test_resume_logs_into_the_same_run(store: str, tmp_path: Path) -> None:
 
 
 def test_param_change_refused_by_the_store_is_dropped_and_the_rest_sent(
-    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: str, tmp_path: Path
 ) -> None:
     tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run")
     tracker.log_params({"lr": 0.1})
@@ -370,7 +394,7 @@ def test_param_change_refused_by_the_store_is_dropped_and_the_rest_sent(
     run = MlflowClient(tracking_uri=store).get_run(tracker.run_id)
     assert run.data.params == {"lr": "0.1", "epochs": "3"}
     assert run.data.metrics == {"loss": 1.0} and run.info.status == "FINISHED"
-    [warning] = _outage_warnings(caplog)
+    [warning] = _outage_warnings()
     assert "refused a params record" in warning and "Changing param values is not allowed" in warning
     assert not (tmp_path / "run" / LOCAL_METRICS_FILE).exists()  # a refusal is not an outage: nothing kept
 
@@ -412,7 +436,7 @@ def test_mlflow_http_retries_give_up_in_seconds_unless_the_job_says_otherwise(
 
 
 def test_transient_sqlite_lock_is_waited_out_by_mlflow(
-    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: str, tmp_path: Path
 ) -> None:
     tracker = Tracker(store, "dsmd", local_dir=tmp_path / "run")
     lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None, check_same_thread=False)
@@ -426,14 +450,14 @@ def test_transient_sqlite_lock_is_waited_out_by_mlflow(
     lock.close()
     run = MlflowClient(tracking_uri=store).get_run(tracker.run_id)
     assert run.data.tags["phase"] == "locked" and run.data.metrics == {"loss": 0.5}
-    assert _outage_warnings(caplog) == [] and not (tmp_path / "run" / LOCAL_METRICS_FILE).exists()
+    assert _outage_warnings() == [] and not (tmp_path / "run" / LOCAL_METRICS_FILE).exists()
 
 
 # ---- store unreachable, and the records it missed -------------------------------------------------------
 
 
 def test_unreachable_sqlite_store_keeps_training_and_records_then_flush_sends_them(
-    unmounted: tuple[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    unmounted: tuple[str, Any], tmp_path: Path
 ) -> None:
     uri, mount = unmounted
     artifact = tmp_path / "table.json"
@@ -447,7 +471,7 @@ def test_unreachable_sqlite_store_keeps_training_and_records_then_flush_sends_th
     assert not tracker.flush()  # still unreachable: nothing sent, nothing raised
     assert result == pytest.approx(1 + 1 / 2 + 1 / 3)  # training ran to the end
     assert tracker.run_id is None
-    [warning] = _outage_warnings(caplog)  # one warning for the whole outage
+    [warning] = _outage_warnings()  # one warning for the whole outage
     assert uri in warning and str(run_dir / LOCAL_METRICS_FILE) in warning and "\n" not in warning
 
     kept, headers = _kept(run_dir)
@@ -476,7 +500,7 @@ def test_unreachable_sqlite_store_keeps_training_and_records_then_flush_sends_th
     assert not (run_dir / LOCAL_METRICS_FILE).exists() and not (run_dir / "metrics.sent").exists()
     tracker.finish()
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
-    assert len(_outage_warnings(caplog)) == 1
+    assert len(_outage_warnings()) == 1
 
 
 def test_status_of_a_run_ended_during_an_outage_is_applied_by_replay_backlog_once(
@@ -554,7 +578,7 @@ def test_replay_cut_short_resumes_where_it_stopped(unmounted: tuple[str, Any], t
 
 
 def test_server_down_mid_run_then_reopening_the_run_replays_what_it_missed(
-    server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    server: MlflowServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     artifact = tmp_path / "table.json"
     artifact.write_text("{}")
@@ -578,7 +602,7 @@ def test_server_down_mid_run_then_reopening_the_run_replays_what_it_missed(
     finally:
         logging.getLogger().removeHandler(root)
     assert result == pytest.approx(1 / 4 + 1 / 5 + 1 / 6)
-    [warning] = _outage_warnings(caplog)
+    [warning] = _outage_warnings()
     assert server.url in warning and "\n" not in warning
     # One line on stderr for the outage: no MLflow error lines, urllib3 retry lines or tracebacks.
     assert capfd.readouterr().err.splitlines() == [f"WARNING:raydistill.tracking:{warning}"]
