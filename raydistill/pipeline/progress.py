@@ -123,8 +123,7 @@ def watch(label: str, total: int | None, poll: Callable[[], tuple[int, str]], in
             bar.set_postfix_str(extra, refresh=False)
             bar.close()
         else:
-            elapsed = time.monotonic() - start
-            log(progress_line(label, done, total, elapsed, extra, rate=done / elapsed if elapsed > 0 else 0.0))
+            log(progress_line(label, done, total, time.monotonic() - start, extra))  # the whole stage's rate
 
 
 def counted(counters: Any, key: str, extra: Callable[[dict[str, Any]], str] | None = None, since: int = 0
