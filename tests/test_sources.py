@@ -23,7 +23,7 @@ from real_data import (
 )
 from raydistill.data.images import decode_image
 from raydistill.data.records import DataError, ReadStats, clean_caption, expand_shards
-from raydistill.data.sources import read_coco_captions, read_karpathy
+from raydistill.data.sources import caption_blocks, read_coco_captions, read_karpathy
 
 RECORD_KEYS = {"image_id", "path", "data", "captions", "caption_ids", "split"}
 
@@ -277,3 +277,21 @@ def test_expand_shards_braces():
         expand_shards("d-{x}.tar")
     with pytest.raises(DataError, match="only on local paths"):
         expand_shards("s3://b/*.tar")
+
+
+def test_caption_rows_are_cut_into_one_block_per_megabyte_of_json_up_to_eight(tmp_path: Path):
+    def files(*sizes: int) -> list[tuple[str, str, str, None]]:
+        out = []
+        for k, size in enumerate(sizes):
+            path = tmp_path / f"captions{k}.json"
+            path.write_bytes(b" " * size)
+            out.append(("karpathy", str(path), str(tmp_path), None))
+        return out
+
+    assert caption_blocks(files(60_000)) == 1  # a small dataset: one block, one schema task
+    assert caption_blocks(files(2 * 2**20 + 1)) == 3
+    assert caption_blocks(files(2**20, 2**20 + 10)) == 3  # the files' sizes add up
+    assert caption_blocks(files(40 * 2**20)) == 8
+    # A size that cannot be read (a URI, a file gone) counts as large: as many blocks as allowed.
+    assert caption_blocks([("coco", "s3://bucket/captions.json", "s3://bucket/images", "val2017")]) == 8
+    assert caption_blocks([("karpathy", str(tmp_path / "missing.json"), str(tmp_path), None)]) == 8

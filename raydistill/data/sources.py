@@ -195,16 +195,39 @@ def _parse_caption_files(files: list[tuple[str, str, str, str | None]], blocks: 
     return (*slices, {"dropped_captions": stats.dropped_captions, "dropped_images": stats.dropped_images})
 
 
-def caption_file_dataset(files: list[tuple[str, str, str, str | None]], blocks: int = 8) -> Any:
+#: Caption JSON per block of rows, and the most blocks: each block is a task in every stage that follows, and
+#: Ray Data starts one more task (a worker process, on a small machine) per block to read its schema.
+CAPTION_BYTES_PER_BLOCK = 1 << 20
+MAX_CAPTION_BLOCKS = 8
+
+
+def caption_blocks(files: list[tuple[str, str, str, str | None]]) -> int:
+    """How many blocks the rows of ``files`` are cut into: one per :data:`CAPTION_BYTES_PER_BLOCK` of JSON, at
+    least one and at most :data:`MAX_CAPTION_BLOCKS` (a file whose size cannot be read counts as large)."""
+    from raydistill.paths import is_uri
+
+    large = MAX_CAPTION_BLOCKS * CAPTION_BYTES_PER_BLOCK
+    total = 0
+    for _, json_path, _, _ in files:
+        try:
+            total += large if is_uri(json_path) else os.path.getsize(json_path)
+        except OSError:
+            total += large
+    return max(1, min(MAX_CAPTION_BLOCKS, -(-total // CAPTION_BYTES_PER_BLOCK)))
+
+
+def caption_file_dataset(files: list[tuple[str, str, str, str | None]], blocks: int | None = None) -> Any:
     """The image rows of caption files as a Ray dataset, parsed in one Ray task (the driver holds references).
 
     Args:
         files: ``(kind, json_path, image_root, split)`` with kind ``karpathy`` or ``coco`` (split: COCO's).
-        blocks: how many blocks to cut the rows into (each block is a task in the stages that follow).
+        blocks: how many blocks to cut the rows into (each block is a task in the stages that follow); default
+            :func:`caption_blocks`.
     """
     import ray
     import ray.data
 
+    blocks = blocks or caption_blocks(files)
     # On the cluster, outside the placement group of a Tune trial that may build this plan.
     parse = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="DEFAULT")(_parse_caption_files)
     refs = parse.options(num_returns=blocks + 1).remote(files, blocks)
@@ -214,6 +237,7 @@ def caption_file_dataset(files: list[tuple[str, str, str, str | None]], blocks: 
 __all__ = [
     "DataError",
     "ReadStats",
+    "caption_blocks",
     "caption_file_dataset",
     "clean_caption",
     "expand_shards",
