@@ -11,12 +11,15 @@ Each command is its own process (the driver). Measured per command: the driver's
 0.2 s), the object store's peak use on the instance (sampled the same way), wall seconds, and for ``embed``
 the seconds per image in steady state (from the times the cache's part files were written: after the first
 part, which carries the actors' start-up) and the teacher's images embedded (must equal N); for ``run`` the
-steady-state samples/s (the run's own per-window throughput, first window dropped).
+steady-state samples/s (the run's own per-window throughput, first window dropped) and the object store's peak
+from the moment the driver says training starts (the whole command's peak also holds the check of the cache
+against the source manifest, a group-by of its rows by image id).
 
 This measures the data path, not the model: the teacher and the student are tiny, the images 16 px.
 
     python -m benchmarks.scale                      # 10k, 100k, 1M (about an hour on 2 cores)
     python -m benchmarks.scale --sizes 10000 100000 --out /tmp/scale   # a shorter check
+    python -m benchmarks.scale --work DIR --runs-only   # train again from DIR's caches; keep the embed rows
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log, result, table, write_result
+from benchmarks.common import log, result, result_path, table, write_result
+from raydistill.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (10_000, 100_000, 1_000_000)
@@ -106,7 +110,7 @@ ray: {{address: "{address}"}}
 
 
 class Sampler:
-    """Peak RSS of one process and peak object-store use of the instance, sampled on a thread."""
+    """Peak RSS of one process and the instance's object-store use over time, sampled on a thread."""
 
     def __init__(self, pid: int, address: str) -> None:
         import psutil
@@ -114,7 +118,7 @@ class Sampler:
         self.process = psutil.Process(pid)
         self.address = address
         self.rss = 0
-        self.store = 0
+        self.stores: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -125,8 +129,12 @@ class Sampler:
                 self.rss = max(self.rss, self.process.memory_info().rss)
             except Exception:  # noqa: BLE001 - the process ended between two samples
                 pass
-            self.store = max(self.store, object_store_used(self.address))
+            self.stores.append((time.monotonic(), object_store_used(self.address)))
             self._stop.wait(0.2)
+
+    def store_peak(self, since: float = 0.0) -> int:
+        """The largest object-store use sampled at or after ``since`` (a ``time.monotonic()`` value)."""
+        return max((used for t, used in self.stores if t >= since), default=0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -145,18 +153,32 @@ def object_store_used(address: str) -> int:
     return int(match.group(1)) * 2**20 if match else 0
 
 
-def run_command(args: list[str], address: str) -> tuple[dict[str, Any], float, Sampler]:
-    """Run a ``raydistill`` command as its own process; its JSON result, wall seconds and samples."""
+def run_command(args: list[str], address: str) -> tuple[dict[str, Any], float, Sampler, float]:
+    """Run a ``raydistill`` command as its own process; its JSON result, wall seconds, samples, and when (a
+    ``time.monotonic()`` value) it printed that training starts (infinity if it trains nothing)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", *args, "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     sampler = Sampler(proc.pid, address)
-    out, err = proc.communicate()
+    err: list[str] = []
+    training = [float("inf")]
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            if training[0] == float("inf") and line.startswith("[raydistill] training "):
+                training[0] = time.monotonic()
+            err.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    out = proc.stdout.read()
+    proc.wait()
+    reader.join()
     seconds = time.perf_counter() - start
     sampler.stop()
     if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1]), seconds, sampler
+        raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{''.join(err)[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1]), seconds, sampler, training[0]
 
 
 def steady_seconds_per_image(cache_dir: Path) -> float:
@@ -179,23 +201,37 @@ def steady_samples_per_s(run: dict[str, Any]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def measure(n: int, work: Path, names: list[str], teacher: Path, address: str) -> list[dict[str, Any]]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "images").symlink_to(work.parent / "images")
+def measure(n: int, work: Path, names: list[str], teacher: Path, address: str,
+            earlier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One size's rows. ``earlier`` (``--runs-only``): a result whose embed row for this size is kept, with its
+    own date, and whose cache in ``work`` is trained from again."""
     manifest = work / "manifest.jsonl"
-    write_manifest(manifest, n, names)
     config = work / "scale.yaml"
+    if earlier is None:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "images").symlink_to(work.parent / "images")
+        write_manifest(manifest, n, names)
     write_config(config, manifest, teacher, work, address)
-    log(f"{n:,} images: raydistill embed")
-    embedded, seconds, sampler = run_command(["embed", str(config)], address)
-    rows = [{"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
-             "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
-             "seconds_per_image": steady_seconds_per_image(work / "cache"),
-             "teacher_images_embedded": embedded["teacher_images_embedded"]}]
+    if earlier is not None:
+        if not (work / "cache" / "manifest.json").is_file():
+            raise SystemExit(f"--runs-only: no embedding cache in {work / 'cache'}; run without it first")
+        row = next((r for r in earlier["rows"] if r["command"] == "embed" and r["images"] == n), None)
+        if row is None:
+            raise SystemExit(f"--runs-only: the earlier result has no embed row for {n:,} images")
+        rows = [dict(row, measured_at=row.get("measured_at", earlier["measured_at"]))]
+    else:
+        log(f"{n:,} images: raydistill embed")
+        embedded, seconds, sampler, _ = run_command(["embed", str(config)], address)
+        rows = [{"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
+                 "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1), "seconds": round(seconds, 1),
+                 "seconds_per_image": steady_seconds_per_image(work / "cache"),
+                 "teacher_images_embedded": embedded["teacher_images_embedded"]}]
     log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps)")
-    ran, seconds, sampler = run_command(["run", str(config), "cache.mode=cache"], address)
+    ran, seconds, sampler, training = run_command(["run", str(config), "cache.mode=cache"], address)
     rows.append({"command": "run", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
-                 "object_store_peak_mb": round(sampler.store / 2**20, 1), "seconds": round(seconds, 1),
+                 "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
+                 "object_store_training_peak_mb": round(sampler.store_peak(since=training) / 2**20, 1),
+                 "seconds": round(seconds, 1),
                  "samples_per_s": round(steady_samples_per_s(ran), 1)})
     log(json.dumps(rows))
     return rows
@@ -226,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="train again from the caches an earlier run left in --work; keep that result's embed rows")
     args = parser.parse_args(argv)
+    earlier = None
+    if args.runs_only:
+        if not args.work:
+            parser.error("--runs-only needs the --work folder of an earlier run")
+        earlier = json.loads(result_path("scale", args.out).read_text())
     work = Path(args.work or tempfile.mkdtemp(prefix="raydistill-scale-"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(env)
@@ -242,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for n in args.sizes:
-            rows.extend(measure(n, work / f"n{n}", names, teacher, address))
+            rows.extend(measure(n, work / f"n{n}", names, teacher, address, earlier))
     finally:
         stop_instance(temp_dir)
     by = {(r["command"], r["images"]): r for r in rows}
@@ -254,14 +297,19 @@ def main(argv: list[str] | None = None) -> int:
             "driver_rss_run": by[("run", large)]["driver_peak_rss_mb"] / by[("run", small)]["driver_peak_rss_mb"],
             "embed_seconds_per_image": by[("embed", large)]["seconds_per_image"] / by[("embed", small)]["seconds_per_image"],
             "run_samples_per_s": by[("run", large)]["samples_per_s"] / by[("run", small)]["samples_per_s"],
+            "run_object_store_training_peak": by[("run", large)]["object_store_training_peak_mb"]
+            / by[("run", small)]["object_store_training_peak_mb"],
         }
     obj = result("scale", {"sizes": args.sizes, "test_images": TEST_IMAGES, "distinct_files": DISTINCT_FILES,
-                           "run_steps": RUN_STEPS, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16"},
+                           "run_steps": RUN_STEPS, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16",
+                           "data_object_store_mb": Config().ray.data_object_store_mb},
                  rows=rows, ratios_largest_vs_smallest=ratios)
     write_result(obj, args.out)
-    print(table(["command", "images", "driver peak RSS MB", "object store peak MB", "seconds", "s/image or samples/s"],
-                [(r["command"], r["images"], r["driver_peak_rss_mb"], r["object_store_peak_mb"], r["seconds"],
-                  r.get("seconds_per_image", r.get("samples_per_s"))) for r in rows]))
+    print(table(["command", "images", "driver peak RSS MB", "object store peak MB", "training: object store peak MB",
+                 "seconds", "s/image or samples/s"],
+                [(r["command"], r["images"], r["driver_peak_rss_mb"], r["object_store_peak_mb"],
+                  r.get("object_store_training_peak_mb"), r["seconds"], r.get("seconds_per_image", r.get("samples_per_s")))
+                 for r in rows]))
     return 0
 
 

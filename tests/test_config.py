@@ -113,3 +113,24 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     cfg = load_config(p)
     assert cfg.data.path == "s3://bucket/shards-{000..009}.tar"
     assert cfg.teacher.checkpoint == "openai/clip-vit-base-patch32"
+
+
+def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048_mib() -> None:
+    from raydistill.pipeline.plans import data_budget_mb
+
+    def budget(**sections: dict) -> int | None:
+        return data_budget_mb(config_from_dict(sections))
+
+    base = {"preset": "base", "from_scratch": True}  # decoded at its resize size, 256 px
+    # Cache mode: rows carry the student's pixels, 3 * 256**2 bytes, and 16 KiB besides; 16 batches of 256 rows.
+    assert budget(student=base, cache={"mode": "cache"}, train={"batch_size": 256}) == (
+        16 * 256 * (3 * 256**2 + 16 * 1024) // 2**20) == 832
+    assert budget(student=base, cache={"mode": "cache"}, train={"batch_size": 128}) == 416
+    # Streaming: the teacher's 384 px pixels too, 2,560 MiB: capped.
+    assert budget(student=base, data={"decode_size": 384}, train={"batch_size": 256}) == 2048
+    # The default run's 48 px student: 71 MiB of rows, raised to the floor.
+    assert budget() == 256
+    assert budget(ray={"data_object_store_mb": 512}) == 512
+    assert budget(ray={"data_object_store_mb": None}) is None
+    with pytest.raises(ConfigError, match="ray.data_object_store_mb"):
+        config_from_dict({"ray": {"data_object_store_mb": "big"}})

@@ -6,7 +6,7 @@ files and overrides into these models.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -338,11 +338,11 @@ class RayConfig(_Section):
         True, description="Start the dashboard (127.0.0.1) with a local instance; Train's cleanup needs its State API."
     )
     no_progress_timeout_s: float = Field(600, gt=0, description="Ray Data fails after this long without progress.")
-    data_object_store_mb: int | None = Field(
-        2048,
-        gt=0,
-        description="Object-store memory each Ray Data pipeline may hold (its streaming back-pressure keeps it "
-        "under this whatever the dataset's size); null: Ray Data's own default budget.",
+    data_object_store_mb: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Object-store memory (MiB) each Ray Data pipeline may hold: its streaming back-pressure keeps "
+        "it under this whatever the dataset's size, and the reader works that far ahead of training. auto: 16 "
+        "training batches of rows, at least 256 and at most 2048; null: Ray Data's own default budget.",
     )
     shuffle_partitions: int = Field(
         16,

@@ -86,12 +86,39 @@ def configure_data_context(cfg: Config) -> None:
     ctx.raise_original_map_exception = True
     # Ray Data's default of 200 partitions per shuffle is sized for big clusters; every partition is a task.
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_partitions
-    limit = cfg.ray.data_object_store_mb
+    limit = data_budget_mb(cfg)
     if limit:
         # The streaming executor back-pressures every operator to stay under this: the pipeline's peak
         # object-store use is set by configuration, not by the dataset's size.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=limit * 2**20)
+
+
+#: ``ray.data_object_store_mb: auto``: this many training batches of rows, within these bounds (MiB).
+AUTO_BUDGET_BATCHES = 16
+AUTO_BUDGET_MB = (256, 2048)
+#: Per training row besides its pixels: token ids and mask, the teacher's embeddings, ids (a generous bound).
+ROW_OVERHEAD_BYTES = 16 * 1024
+
+
+def data_budget_mb(cfg: Config) -> int | None:
+    """The object-store budget (MiB) of each of the run's Ray Data pipelines: ``ray.data_object_store_mb``, or
+    for ``auto`` :data:`AUTO_BUDGET_BATCHES` training batches of rows clamped to :data:`AUTO_BUDGET_MB`.
+
+    A pipeline reads ahead of its consumer until it holds its budget, so the budget is how much reading and
+    decoding runs ahead of training. Sized in batches, that is the same at any dataset size; sized in bytes
+    for large images, it would read most of a small-image dataset ahead, on CPUs the trainer needs. A row's
+    size is its pixels (the teacher's decode size too while streaming) plus :data:`ROW_OVERHEAD_BYTES`.
+    """
+    limit = cfg.ray.data_object_store_mb
+    if limit != "auto":
+        return limit
+    pixels = 3 * student_decode_size(cfg) ** 2
+    if cfg.cache.mode == "stream":
+        pixels += 3 * cfg.data.decode_size**2
+    batches = AUTO_BUDGET_BATCHES * cfg.train.batch_size * (pixels + ROW_OVERHEAD_BYTES) / 2**20
+    low, high = AUTO_BUDGET_MB
+    return int(min(high, max(low, batches)))
 
 
 def student_decode_size(cfg: Config) -> int:
