@@ -312,13 +312,18 @@ def train_epoch_dataset(plan: DataPlan, epoch: int) -> Any:
     return caption_rows(image_rows, plan)
 
 
-def eval_dataset(plan: DataPlan, split: str) -> Any:
-    """One evaluation split's image rows decoded at the student's size (with the teacher's embeddings when
-    distilling: read from the cache, which :func:`embed_splits` filled)."""
+def eval_rows(plan: DataPlan, split: str) -> Any:
+    """One evaluation split's image rows before decoding: from the cache when distilling (with the teacher's
+    embeddings; :func:`embed_splits` filled it), else from the source."""
     from raydistill.data.source import source_dataset
 
     if plan.teacher is not None:
-        rows = plan.teacher.cache.split_dataset(split)
-    else:
-        rows = source_dataset(plan.cfg, [split])
+        return plan.teacher.cache.split_dataset(split)
+    return source_dataset(plan.cfg, [split])
+
+
+def eval_dataset(plan: DataPlan, split: str, rows: Any = None) -> Any:
+    """One evaluation split's image rows decoded at the student's size; ``rows``: its :func:`eval_rows` (e.g.
+    materialised once for repeated evaluations), else they are read."""
+    rows = eval_rows(plan, split) if rows is None else rows
     return decoded(rows, plan.cfg, {"pixels": plan.student_size}, plan.counters, count_bad=plan.teacher is None)

@@ -130,7 +130,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from raydistill.pipeline.evaluate import dataset_batches, embed_split, student_metrics
     from raydistill.pipeline.dashboard import LiveMetrics
-    from raydistill.pipeline.plans import configure_data_context, eval_dataset, finalize_split, train_epoch_dataset
+    from raydistill.pipeline.plans import (
+        configure_data_context, eval_dataset, eval_rows, finalize_split, train_epoch_dataset)
 
     plan = config["plan"]
     typed = plan.cfg
@@ -173,6 +174,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         tracker = Tracker(m["uri"], m["experiment"], run_id=m["run_id"], local_dir=Path(m["local_dir"]))
     live = LiveMetrics(run=typed.name) if rank == 0 else None
     val_split = typed.data.val_split if train.eval_every and rank == 0 else None
+    # The validation split's rows, read once at the first evaluation: each evaluation decodes the same rows,
+    # and a new read of the cache lists its files again (Ray Data starts footer-reading actors for every read).
+    val_rows = None
     planned = trainer.planned_steps
     batch_size = train.batch_size
     window_start, window_samples, window_steps = time.perf_counter(), 0, 0
@@ -228,7 +232,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             checkpoint_now = trainer.step % train.checkpoint_every == 0 or trainer.step == planned
             # Every checkpoint carries its own validation RSUM: Ray Train keeps the best ones by it.
             if val_split and (trainer.step % train.eval_every == 0 or checkpoint_now):
-                emb = embed_split(dataset_batches(eval_dataset(plan, val_split), typed.eval.batch_size),
+                if val_rows is None:
+                    val_rows = eval_rows(plan, val_split).materialize()
+                emb = embed_split(dataset_batches(eval_dataset(plan, val_split, val_rows), typed.eval.batch_size),
                                   trainer.raw_model, plan.tokenizer, plan.max_len, device)
                 last_val = student_metrics(emb, typed.eval.chunk_size)["rsum"]
                 trainer.history.append({"step": trainer.step, "val_rsum": last_val})
