@@ -132,5 +132,8 @@ def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048
     assert budget() == 256
     assert budget(ray={"data_object_store_mb": 512}) == 512
     assert budget(ray={"data_object_store_mb": None}) is None
-    with pytest.raises(ConfigError, match="ray.data_object_store_mb"):
-        config_from_dict({"ray": {"data_object_store_mb": "big"}})
+    # One line for the key, whichever member of its type (a number or auto) the value missed.
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ray": {"data_object_store_mb": 0}})
+    assert str(err.value) == "<config>: ray.data_object_store_mb = 0: Input should be greater than 0; or input " \
+                             "should be 'auto'"

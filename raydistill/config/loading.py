@@ -50,20 +50,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """``ray.data_object_store_mb`` from pydantic's location, without the tags it adds for each member of a
+    union type (``constrained-int``, ``literal['auto']``, ``int``)."""
+    keys = [str(p) for p in loc if not (isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS))]
+    return ".".join(keys) or "<root>"
+
+
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "list", "dict"})
+
+
 def _format_errors(err: ValidationError, origin: str, raw: dict[str, Any]) -> str:
-    lines = []
+    lines: dict[str, str] = {}  # one line per key: a union's members each report the same value
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = _key_path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown key {loc!r} (check the spelling; see the README's config reference)")
+            lines[loc] = f"{origin}: unknown key {loc!r} (check the spelling; see the README's config reference)"
+            continue
+        if loc in lines:
+            lines[loc] += f"; or {msg[0].lower()}{msg[1:]}"
             continue
         value = e.get("input")
         if isinstance(value, dict):
-            lines.append(f"{origin}: {loc}: {msg}")
+            lines[loc] = f"{origin}: {loc}: {msg}"
         else:
-            lines.append(f"{origin}: {loc} = {value!r}: {msg}")
-    return "\n".join(lines)
+            lines[loc] = f"{origin}: {loc} = {value!r}: {msg}"
+    return "\n".join(lines.values())
 
 
 _PATH_KEYS = (
