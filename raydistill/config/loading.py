@@ -50,14 +50,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+#: What pydantic names the plain members of a union in an error's location.
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "list", "dict"})
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     """``ray.data_object_store_mb`` from pydantic's location, without the tags it adds for each member of a
     union type (``constrained-int``, ``literal['auto']``, ``int``)."""
     keys = [str(p) for p in loc if not (isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS))]
     return ".".join(keys) or "<root>"
-
-
-_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "list", "dict"})
 
 
 def _format_errors(err: ValidationError, origin: str, raw: dict[str, Any]) -> str:
