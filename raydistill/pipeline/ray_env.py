@@ -17,6 +17,10 @@ LOCAL_RAY_ENV = {
     # every read: on one machine each is a Python process started for a few footers (a cache holds one part per
     # teacher batch). Two read the footers of a local cache as fast.
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+    # Ray Train's controller looks at its workers every 2 s by default, and the workers wait on that look: to
+    # start, to finish, and at each checkpoint (a worker's report waits until the controller has taken the one
+    # before). On one machine looking is cheap, and a short run's checkpoints and start no longer wait for it.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
