@@ -29,6 +29,7 @@ from raydistill.jobs import (
     follow_logs,
     job_status,
     mlflow_server_command,
+    mlflow_server_env,
     resolve_address,
     wait_for,
 )
@@ -329,5 +330,5 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
               file=sys.stderr)
     sys.stderr.flush()
     # exec: the server gets this process's id, so `kill $(cat server.pid)` and signals reach it directly.
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, mlflow_server_env())
     return 0  # pragma: no cover - execv does not return

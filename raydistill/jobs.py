@@ -408,4 +408,11 @@ def mlflow_server_command(store: Path, artifacts: str | None = None, host: str =
     return argv
 
 
+def mlflow_server_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the ``mlflow server`` process: ``environ`` (default: this process's) with MLflow's
+    server-side job runner off unless it says otherwise. raydistill logs runs and uses none of those jobs (GenAI
+    evaluations), and the runner starts a consumer process for each kind of job the server knows."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(os.environ if environ is None else environ)}
+
+
 # --------------------------------------------------------------------------------------------- CLI

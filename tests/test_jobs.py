@@ -26,7 +26,7 @@ import time
 import urllib.request
 import zipfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from raydistill.jobs import (
     follow_logs,
     forwarded_env,
     mlflow_server_command,
+    mlflow_server_env,
     new_submission_id,
     resolve_address,
 )
@@ -249,6 +250,20 @@ def test_mlflow_server_command(tmp_path: Path) -> None:
     assert argv[-2:] == ["--allowed-hosts", "mlflow"] and argv[argv.index("--port") + 1] == "5001"
     with redirect_stdout(io.StringIO()):
         assert cli_main(["mlflow-server", "--port", "0"]) == 2
+
+
+def test_mlflow_server_runs_without_mlflows_job_runner_unless_asked(tmp_path: Path, monkeypatch) -> None:
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    with redirect_stderr(io.StringIO()):
+        assert cli_main(["mlflow-server", "--store", str(tmp_path / "store"), "--port", "5123"]) == 0
+    (path, argv, env), = execs
+    assert argv == mlflow_server_command(tmp_path / "store", port=5123) and path == argv[0]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false" and env["SOME_SETTING"] == "kept"
+    assert mlflow_server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}) == {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
 
 
 # ============================================================================ end to end

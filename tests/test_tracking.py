@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_metric_name
 from PIL import Image
 
+from raydistill.jobs import mlflow_server_env
 from raydistill.plots import (
     pareto_front,
     plot_balancer_weights,
@@ -110,7 +111,7 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                "--port", self.url.rsplit(":", 1)[1], "--workers", "1"]
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job runner process
+        env = mlflow_server_env()
         with open(self.root / "server.log", "a") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
         for _ in range(1200):

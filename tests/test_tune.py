@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from raydistill.config import load_config
+from raydistill.jobs import mlflow_server_env
 from raydistill.sweep.space import load_space, parse_space
 from raydistill.sweep.results import (
     TRIAL_CONFIG_TAG,
@@ -425,7 +426,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, template_db: Path):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), env=mlflow_server_env(),
     )
     url = f"http://127.0.0.1:{port}"
     try:
