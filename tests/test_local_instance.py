@@ -57,3 +57,16 @@ def test_record_names_the_session_processes_and_forget_removes_it(tmp_path: Path
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_the_module_works_in_a_process_that_has_not_imported_ray(tmp_path: Path) -> None:
+    # psutil comes with Ray: the module must not depend on an earlier `import ray` somewhere else.
+    # (The session folder comes by the environment: a command line naming it would be a process of it.)
+    code = ("import os; from raydistill.pipeline import local_instance; "
+            "print(local_instance.end_orphans(), local_instance._session_processes(os.environ['SESSION']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "RAYDISTILL_HOME": str(tmp_path),
+                              "SESSION": str(tmp_path / "session_none")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] []"
+

@@ -17,6 +17,8 @@ import signal
 import time
 from pathlib import Path
 
+# psutil is the copy Ray ships (ray/thirdparty_files), on the import path once `ray` is imported.
+import ray  # noqa: F401
 from raydistill.paths import raydistill_home, write_text_atomically
 
 
