@@ -92,6 +92,17 @@ def configure_data_context(cfg: Config) -> None:
         # object-store use is set by configuration, not by the dataset's size.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=limit * 2**20)
+        # Whatever the budget, every operator may hold a block: blocks of Ray Data's 128 MiB held a large
+        # dataset's pipeline at several times a 256 MiB budget. A block is at most a quarter of the budget.
+        ctx.target_max_block_size = max_block_bytes(limit, ctx.target_max_block_size)
+
+
+def max_block_bytes(budget_mb: int, current: int | None) -> int:
+    """Ray Data's largest block for a pipeline budget of ``budget_mb`` MiB: a quarter of it, never more than
+    ``current`` (Ray's own setting; None: its default of 128 MiB)."""
+    from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+    return min(current or DEFAULT_TARGET_MAX_BLOCK_SIZE, budget_mb * 2**20 // 4)
 
 
 #: ``ray.data_object_store_mb: auto``: this many training batches of rows, within these bounds (MiB).
