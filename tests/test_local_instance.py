@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_the_orphans_of_a_dead_driver_are_ended_and_nothing_else(tmp_path: Path,
         assert bystander.poll() is None  # still running: its command line names another session
         assert not list(records.iterdir())
         # A record whose driver still runs (this process) is left as it is.
-        (records / "live.json").write_text(json.dumps({"driver": __import__("os").getpid(), "session_dir": session,
+        (records / "live.json").write_text(json.dumps({"driver": os.getpid(), "session_dir": session,
                                                        "pids": [bystander.pid]}))
         assert local_instance.end_orphans() == [] and (records / "live.json").exists()
     finally:
@@ -65,8 +66,7 @@ def test_the_module_works_in_a_process_that_has_not_imported_ray(tmp_path: Path)
     code = ("import os; from raydistill.pipeline import local_instance; "
             "print(local_instance.end_orphans(), local_instance._session_processes(os.environ['SESSION']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "RAYDISTILL_HOME": str(tmp_path),
+                         env={**os.environ, "RAYDISTILL_HOME": str(tmp_path),
                               "SESSION": str(tmp_path / "session_none")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[] []"
-
