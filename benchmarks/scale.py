@@ -15,6 +15,10 @@ steady-state samples/s (the run's own per-window throughput, first window droppe
 from the moment the driver says training starts (the whole command's peak also holds the check of the cache
 against the source manifest, a group-by of its rows by image id).
 
+Then, per size, the cost of ``train.shuffle: global``: the seconds from building an epoch's caption rows from
+the cache to its first batch with ``files`` and with ``global`` (``shuffle`` in the result), each measured in its
+own driver process.
+
 This measures the data path, not the model: the teacher and the student are tiny, the images 16 px.
 
     python -m benchmarks.scale                      # 10k, 100k, 1M (about an hour on 2 cores)
@@ -237,17 +241,65 @@ def measure(n: int, work: Path, names: list[str], teacher: Path, address: str,
     return rows
 
 
-def stop_instance(temp_dir: Path) -> None:
-    """Stop the benchmark's own Ray instance by the ids of its processes (those started with its temp folder);
-    other Ray instances on the machine are left alone (``ray stop`` would end them all)."""
+def shuffle_cost(config: Path, address: str) -> dict[str, float]:
+    """Seconds from building an epoch's caption rows from the cache to its first batch, with ``train.shuffle``
+    ``files`` (the cache's order, no exchange) and ``global`` (the split's image rows exchanged once before the
+    epoch's first batch: what a full shuffle costs each epoch). Measured in its own process, a driver of the
+    instance, as a Train worker builds each epoch's rows."""
+    probe = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--shuffle-probe", str(config), "--address", address],
+                           capture_output=True, text=True, cwd=REPO, check=False)
+    if probe.returncode != 0:
+        raise RuntimeError(f"shuffle probe failed ({probe.returncode}):\n{probe.stderr[-4000:]}")
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+def shuffle_probe(config: Path, address: str) -> dict[str, float]:
+    """:func:`shuffle_cost`'s measurement, in this process."""
+    import ray
+
+    from raydistill.config import load_config
+    from raydistill.pipeline.counters import Counters
+    from raydistill.pipeline.plans import configure_data_context, train_epoch_dataset
+    from raydistill.pipeline.runner import prepare_data
+
+    ray.init(address=address, configure_logging=False, log_to_driver=False)
+    seconds = {}
+    for mode in ("files", "global"):
+        cfg = load_config(config, ["cache.mode=cache", f"train.shuffle={mode}", f"ray.address={address}"])
+        configure_data_context(cfg)
+        with tempfile.TemporaryDirectory() as run_dir:
+            plan, _ = prepare_data(cfg, Path(run_dir), Counters().start())
+            start = time.perf_counter()
+            batches = iter(train_epoch_dataset(plan, 1).iter_batches(batch_size=256, batch_format="numpy"))
+            next(batches)
+            seconds[f"{mode}_first_batch_s"] = round(time.perf_counter() - start, 1)
+            batches.close()  # ends the epoch's execution before the next one starts
+    ray.shutdown()
+    return seconds
+
+
+def stop_instance(temp_dir: Path, address: str | None = None) -> None:
+    """Stop the benchmark's own Ray instance by the ids of its processes: those started with its temp folder, their
+    descendants (the agents retitle themselves), and those started with ``--address=<address>`` (the client
+    server of ``ray start --head``). Other Ray instances on the machine are left alone (``ray stop`` would end
+    them all)."""
     import psutil
 
     from raydistill.pipeline.local_instance import _session_processes
 
-    procs = []
-    for pid in set(_session_processes(str(temp_dir))) - {os.getpid()}:
+    found: dict[int, Any] = {}
+    pids = set(_session_processes(str(temp_dir)))
+    if address:
+        pids |= set(_session_processes(f"--address={address}"))
+    for pid in pids - {os.getpid()}:
         try:
             proc = psutil.Process(pid)
+            found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    procs = []
+    for proc in found.values():
+        try:
             proc.terminate()
             procs.append(proc)
         except psutil.NoSuchProcess:
@@ -264,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--runs-only", action="store_true",
                         help="train again from the caches an earlier run left in --work; keep that result's embed rows")
+    parser.add_argument("--shuffle-probe", metavar="CONFIG", help=argparse.SUPPRESS)  # shuffle_cost's own process
+    parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.shuffle_probe:
+        print(json.dumps(shuffle_probe(Path(args.shuffle_probe), args.address)))
+        return 0
     earlier = None
     if args.runs_only:
         if not args.work:
@@ -282,12 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     if head.returncode != 0:
         raise SystemExit(f"ray start failed: {head.stderr}")
     address = re.search(r"--address='([^']+)'", head.stdout).group(1)
-    rows = []
+    rows, shuffles = [], []
     try:
         for n in args.sizes:
             rows.extend(measure(n, work / f"n{n}", names, teacher, address, earlier))
+        for n in args.sizes:
+            log(f"{n:,} images: an epoch's first batch with train.shuffle files, then global")
+            shuffles.append({"images": n, **shuffle_cost(work / f"n{n}" / "scale.yaml", address)})
     finally:
-        stop_instance(temp_dir)
+        stop_instance(temp_dir, address)
     by = {(r["command"], r["images"]): r for r in rows}
     small, large = min(args.sizes), max(args.sizes)
     ratios = {}
@@ -303,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     obj = result("scale", {"sizes": args.sizes, "test_images": TEST_IMAGES, "distinct_files": DISTINCT_FILES,
                            "run_steps": RUN_STEPS, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16",
                            "data_object_store_mb": Config().ray.data_object_store_mb},
-                 rows=rows, ratios_largest_vs_smallest=ratios)
+                 rows=rows, shuffle=shuffles, ratios_largest_vs_smallest=ratios)
     write_result(obj, args.out)
     print(table(["command", "images", "driver peak RSS MB", "object store peak MB", "training: object store peak MB",
                  "seconds", "s/image or samples/s"],
