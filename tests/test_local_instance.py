@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,44 @@ def test_record_names_the_session_processes_and_forget_removes_it(tmp_path: Path
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_descendants_are_recorded_with_start_times_and_ended_with_the_session(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path / "home"))
+    session = str(tmp_path / "session_2026-01-01_00-00-00_2")
+    # A process of the instance (its command line names the session) whose child does not name it, as Ray's
+    # agents retitle themselves `ray::DashboardAgent`.
+    spawn = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", spawn, f"--session-dir={session}"])
+    bystander = _sleeper()
+    dead_driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_driver.wait()
+    try:
+        for _ in range(100):
+            children = psutil.Process(parent.pid).children()
+            if children:
+                break
+            time.sleep(0.1)
+        child = children[0]
+        path = local_instance.record(session)
+        entry = json.loads(path.read_text())
+        assert {parent.pid, child.pid} <= set(entry["pids"])
+        assert entry["started"][str(child.pid)] == child.create_time()
+        # The driver is gone; the bystander holds a recorded id but started at another time (an id reused).
+        entry.update(driver=dead_driver.pid, pids=[*entry["pids"], bystander.pid])
+        entry["started"][str(bystander.pid)] = psutil.Process(bystander.pid).create_time() - 60
+        path.write_text(json.dumps(entry))
+        assert sorted(local_instance.end_orphans(grace_s=5)) == sorted([parent.pid, child.pid])
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        assert gone and not alive and parent.wait(timeout=10) is not None
+        assert bystander.poll() is None and not path.exists()
+    finally:
+        for proc in (parent, bystander):
+            proc.kill()
+            proc.wait()
 
 
 def test_the_module_works_in_a_process_that_has_not_imported_ray(tmp_path: Path) -> None:

@@ -54,6 +54,17 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _started_at(pid: int) -> float | None:
+    """The start time of the process ``pid`` (psutil's ``create_time``), or None when there is none."""
+    import ray  # noqa: F401 - psutil is the copy Ray ships, on the import path once ray is imported
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -86,7 +97,10 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
         _wait_for(lambda: latest_checkpoint(checkpoints) is not None, proc, log, "checkpoint on disk", timeout=120)
         records = list((Path(os.environ["RAYDISTILL_HOME"]) / "local-instances").glob("*.json"))
         assert len(records) == 1  # the instance this driver started, recorded
-        session = json.loads(records[0].read_text())["session_dir"]
+        entry = json.loads(records[0].read_text())
+        session = entry["session_dir"]
+        # Ray's agents retitle themselves (no session folder on their command line); they are recorded too.
+        assert any("ray::DashboardAgent" in " ".join(_cmdline(int(pid))) for pid in entry["started"])
     finally:
         # The driver alone, as `kill -9 <pid>` would: whatever of its instance survives it is left to the next
         # command to end (it was started in its own session, so nothing else here is touched).
@@ -103,6 +117,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> Non
     # Nothing of the killed driver's instance is left: the resume ended what had outlived it.
     left = [pid for pid in _processes() if session in " ".join(_cmdline(pid))]
     assert left == []
+    assert [pid for pid, started in entry["started"].items() if _started_at(int(pid)) == started] == []
     assert not records[0].exists()
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["run_dir"] == str(run_dir)

@@ -2,11 +2,13 @@
 
 A local instance's processes (GCS, raylet, dashboard, their agents, workers) normally end with the driver that
 started them; a driver killed outright can leave some behind (the dashboard and runtime-env agents, reparented
-to init). :func:`record` writes the instance's process ids, with the driver's, to
-``$RAYDISTILL_HOME/local-instances/<session>.json``; :func:`forget` removes the record at a clean shutdown; and
-:func:`end_orphans`, run by every ``raydistill`` command before it starts Ray, ends the recorded processes of
-instances whose driver is gone. A process is ended only if it still runs with the instance's session folder
-on its command line, so a process id the system has since given to another program is left alone.
+to init). :func:`record` writes the instance's processes (those whose command line names its session folder,
+and their descendants: the agents retitle themselves ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``), each
+with its start time, and the driver's id, to ``$RAYDISTILL_HOME/local-instances/<session>.json``; :func:`forget`
+removes the record at a clean shutdown; and :func:`end_orphans`, run by every ``raydistill`` command before it
+starts Ray, ends the recorded processes of instances whose driver is gone. A process is ended only if the
+process with that id started when the recorded one did, so an id the system has since given to another program
+is left alone.
 """
 
 from __future__ import annotations
@@ -52,9 +54,25 @@ def record(session_dir: str | None = None) -> Path | None:
     STARTED["session_dir"] = session_dir
     path = _records() / f"{Path(session_dir).name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pids = sorted(set(_session_processes(session_dir)) - {os.getpid()})
-    write_text_atomically(path, json.dumps({"driver": os.getpid(), "session_dir": session_dir, "pids": pids}))
+    started = _with_descendants(set(_session_processes(session_dir)) - {os.getpid()})
+    write_text_atomically(path, json.dumps({"driver": os.getpid(), "session_dir": session_dir,
+                                            "pids": sorted(started), "started": {str(p): t for p, t in started.items()}}))
     return path
+
+
+def _with_descendants(pids: set[int]) -> dict[int, float]:
+    """``pids`` and all their descendants, each with its start time (``psutil.Process.create_time``)."""
+    import psutil
+
+    started: dict[int, float] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for member in [proc, *proc.children(recursive=True)]:
+                started[member.pid] = member.create_time()
+        except psutil.NoSuchProcess:
+            continue
+    return started
 
 
 def forget() -> None:
@@ -90,12 +108,16 @@ def end_orphans(grace_s: float = 5.0) -> list[int]:
             continue
         if _alive(int(entry["driver"])):
             continue
-        session = entry["session_dir"]
+        session, started = entry["session_dir"], entry.get("started", {})
         victims = []
         for pid in entry["pids"]:
             try:
                 proc = psutil.Process(pid)
-                if any(session in part for part in proc.cmdline()):
+                if str(pid) in started:
+                    same = abs(proc.create_time() - started[str(pid)]) < 0.01
+                else:  # a record written before start times were: the command line must name the session
+                    same = any(session in part for part in proc.cmdline())
+                if same:
                     proc.send_signal(signal.SIGTERM)
                     victims.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
