@@ -285,21 +285,15 @@ def stop_instance(temp_dir: Path, address: str | None = None) -> None:
     them all)."""
     import psutil
 
-    from raydistill.pipeline.local_instance import _session_processes
+    from raydistill.pipeline.local_instance import _session_processes, _with_descendants
 
-    found: dict[int, Any] = {}
     pids = set(_session_processes(str(temp_dir)))
     if address:
         pids |= set(_session_processes(f"--address={address}"))
-    for pid in pids - {os.getpid()}:
+    procs = []
+    for pid in _with_descendants(pids - {os.getpid()}):
         try:
             proc = psutil.Process(pid)
-            found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
-        except psutil.NoSuchProcess:
-            continue
-    procs = []
-    for proc in found.values():
-        try:
             proc.terminate()
             procs.append(proc)
         except psutil.NoSuchProcess:
