@@ -132,12 +132,13 @@ def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048
     assert budget() == 256
     assert budget(ray={"data_object_store_mb": 512}) == 512
     assert budget(ray={"data_object_store_mb": None}) is None
-    # Blocks are at most a quarter of the budget (Ray Data lets each operator hold one whatever the budget).
+    # Blocks are at most a quarter of the budget and 8 MiB (Ray Data lets each operator hold one whatever the
+    # budget), never larger than Ray's own setting.
     from raydistill.pipeline.plans import max_block_bytes
 
-    assert max_block_bytes(256, None) == 64 * 2**20
-    assert max_block_bytes(2048, None) == max_block_bytes(512, 128 * 2**20) == 128 * 2**20
-    assert max_block_bytes(2048, 8 * 2**20) == 8 * 2**20
+    assert max_block_bytes(16, None) == 4 * 2**20
+    assert max_block_bytes(256, None) == max_block_bytes(2048, 128 * 2**20) == 8 * 2**20
+    assert max_block_bytes(2048, 2 * 2**20) == 2 * 2**20
     import ray.data
 
     from raydistill.pipeline.plans import configure_data_context
@@ -147,7 +148,7 @@ def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048
         configure_data_context(config_from_dict({}))
         ctx = ray.data.DataContext.get_current()
         assert ctx.execution_options.resource_limits.object_store_memory == 256 * 2**20
-        assert ctx.target_max_block_size == 64 * 2**20
+        assert ctx.target_max_block_size == 8 * 2**20
     finally:
         ray.data.DataContext._set_current(before)
     # One line for the key, whichever member of its type (a number or auto) the value missed.

@@ -35,8 +35,12 @@ from raydistill.pipeline.progress import counted, log, watch
 from raydistill.pipeline.rows import decode_batch, explode_batch
 from raydistill.pipeline.teacher_stage import TeacherEmbedder
 
-#: Image rows per decoding task: a task costs more than decoding a few small images.
+#: Image rows per decoding call: a call costs more than decoding a few small images.
 DECODE_BATCH = 64
+#: Image rows per block entering the decode stage, at most: one task decodes a whole block, and a read's block
+#: holds up to :data:`MAX_BLOCK_MB` of light rows (23,000 rows of a small-embedding cache), which would decode
+#: on one CPU while the others wait.
+DECODE_BLOCK_ROWS = 1024
 
 
 @dataclass
@@ -93,16 +97,23 @@ def configure_data_context(cfg: Config) -> None:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=limit * 2**20)
         # Whatever the budget, every operator may hold a block: blocks of Ray Data's 128 MiB held a large
-        # dataset's pipeline at several times a 256 MiB budget. A block is at most a quarter of the budget.
+        # dataset's pipeline at several times a 256 MiB budget.
         ctx.target_max_block_size = max_block_bytes(limit, ctx.target_max_block_size)
 
 
+#: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size: at 64 MiB
+#: a block of a large cache held 180,000 rows, the reader ran a whole epoch ahead of training in a few such
+#: blocks (each operator may hold one whatever the budget), and reading the cache was slower per row at a
+#: million images than at ten thousand.
+MAX_BLOCK_MB = 8
+
+
 def max_block_bytes(budget_mb: int, current: int | None) -> int:
-    """Ray Data's largest block for a pipeline budget of ``budget_mb`` MiB: a quarter of it, never more than
-    ``current`` (Ray's own setting; None: its default of 128 MiB)."""
+    """Ray Data's largest block for a pipeline budget of ``budget_mb`` MiB: a quarter of it and at most
+    :data:`MAX_BLOCK_MB`, never more than ``current`` (Ray's own setting; None: its default of 128 MiB)."""
     from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 
-    return min(current or DEFAULT_TARGET_MAX_BLOCK_SIZE, budget_mb * 2**20 // 4)
+    return min(current or DEFAULT_TARGET_MAX_BLOCK_SIZE, budget_mb * 2**20 // 4, MAX_BLOCK_MB * 2**20)
 
 
 #: ``ray.data_object_store_mb: auto``: this many training batches of rows, within these bounds (MiB).
@@ -163,7 +174,7 @@ def shuffled(ds: Any, cfg: Config, epoch: int) -> Any:
 def decoded(ds: Any, cfg: Config, sizes: dict[str, int], counters: Counters | None, count_bad: bool) -> Any:
     """Decode and resize images in Ray Data CPU tasks, once, to each size in ``sizes``."""
     d = cfg.data
-    return ds.map_batches(
+    return ds.repartition(target_num_rows_per_block=DECODE_BLOCK_ROWS).map_batches(
         decode_batch,
         batch_format="numpy",
         batch_size=DECODE_BATCH,
