@@ -2,10 +2,12 @@
 
 For each size N this writes a JSONL manifest of N images (tiny JPEGs: each row names one of a few hundred small
 files under its own image id, two captions each; the test split is a fixed 1,000 images at every size), then
-runs, as a user would, against one local Ray instance started for the benchmark (``ray start --head``):
+runs, as a user would, against one local Ray instance started for the benchmark (``ray start --head``, with the
+one-machine settings raydistill gives its own local instances: ``ray_env.LOCAL_RAY_ENV``):
 
 - ``raydistill embed CONFIG --json``: fills the embedding cache with a tiny teacher (every image once);
-- ``raydistill run CONFIG cache.mode=cache --json``: a fixed number of training steps from the cache.
+- ``raydistill run CONFIG cache.mode=cache --json``: a fixed number of training steps from the cache, repeated
+  (``--repeats``, 3 by default) with the sizes interleaved; the row holds the median and every run's value.
 
 Each command is its own process (the driver). Measured per command: the driver's peak RSS (sampled every
 0.2 s), the object store's peak use on the instance (sampled the same way), wall seconds, and for ``embed``
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,12 +45,14 @@ from typing import Any
 
 from benchmarks.common import log, result, result_path, table, write_result
 from raydistill.config import Config
+from raydistill.pipeline.ray_env import prepare_local_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (10_000, 100_000, 1_000_000)
 TEST_IMAGES = 1_000
 DISTINCT_FILES = 256
 RUN_STEPS = 150
+REPEATS = 3
 CPUS = 4
 
 
@@ -205,10 +210,10 @@ def steady_samples_per_s(run: dict[str, Any]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def measure(n: int, work: Path, names: list[str], teacher: Path, address: str,
-            earlier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One size's rows. ``earlier`` (``--runs-only``): a result whose embed row for this size is kept, with its
-    own date, and whose cache in ``work`` is trained from again."""
+def embed_row(n: int, work: Path, names: list[str], teacher: Path, address: str,
+              earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One size's ``embed`` row. ``earlier`` (``--runs-only``): a result whose embed row for this size is kept,
+    with its own date, and whose cache in ``work`` is trained from again."""
     manifest = work / "manifest.jsonl"
     config = work / "scale.yaml"
     if earlier is None:
@@ -222,23 +227,38 @@ def measure(n: int, work: Path, names: list[str], teacher: Path, address: str,
         row = next((r for r in earlier["rows"] if r["command"] == "embed" and r["images"] == n), None)
         if row is None:
             raise SystemExit(f"--runs-only: the earlier result has no embed row for {n:,} images")
-        rows = [dict(row, measured_at=row.get("measured_at", earlier["measured_at"]))]
-    else:
-        log(f"{n:,} images: raydistill embed")
-        embedded, seconds, sampler, _ = run_command(["embed", str(config)], address)
-        rows = [{"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
-                 "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1), "seconds": round(seconds, 1),
-                 "seconds_per_image": steady_seconds_per_image(work / "cache"),
-                 "teacher_images_embedded": embedded["teacher_images_embedded"]}]
+        return dict(row, measured_at=row.get("measured_at", earlier["measured_at"]))
+    log(f"{n:,} images: raydistill embed")
+    embedded, seconds, sampler, _ = run_command(["embed", str(config)], address)
+    row = {"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
+           "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1), "seconds": round(seconds, 1),
+           "seconds_per_image": steady_seconds_per_image(work / "cache"),
+           "teacher_images_embedded": embedded["teacher_images_embedded"]}
+    log(json.dumps(row))
+    return row
+
+
+def run_once(n: int, work: Path, address: str) -> dict[str, Any]:
+    """One cache-mode ``raydistill run`` of ``RUN_STEPS`` steps from size ``n``'s cache."""
     log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps)")
-    ran, seconds, sampler, training = run_command(["run", str(config), "cache.mode=cache"], address)
-    rows.append({"command": "run", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
-                 "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
-                 "object_store_training_peak_mb": round(sampler.store_peak(since=training) / 2**20, 1),
-                 "seconds": round(seconds, 1),
-                 "samples_per_s": round(steady_samples_per_s(ran), 1)})
-    log(json.dumps(rows))
-    return rows
+    ran, seconds, sampler, training = run_command(["run", str(work / "scale.yaml"), "cache.mode=cache"], address)
+    run = {"driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
+           "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
+           "object_store_training_peak_mb": round(sampler.store_peak(since=training) / 2**20, 1),
+           "seconds": round(seconds, 1), "samples_per_s": round(steady_samples_per_s(ran), 1)}
+    log(json.dumps(run))
+    return run
+
+
+def run_row(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A size's ``run`` row from its repeated runs: the median seconds and samples/s (each run's values kept in
+    ``seconds_runs`` and ``samples_per_s_runs``), the largest driver RSS and object-store peaks."""
+    return {"command": "run", "images": n,
+            **{key: max(r[key] for r in runs)
+               for key in ("driver_peak_rss_mb", "object_store_peak_mb", "object_store_training_peak_mb")},
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "samples_per_s": round(statistics.median(r["samples_per_s"] for r in runs), 1),
+            "seconds_runs": [r["seconds"] for r in runs], "samples_per_s_runs": [r["samples_per_s"] for r in runs]}
 
 
 def shuffle_cost(config: Path, address: str) -> dict[str, float]:
@@ -308,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="cache-mode runs per size, interleaved across sizes; their median is the row's")
     parser.add_argument("--runs-only", action="store_true",
                         help="train again from the caches an earlier run left in --work; keep that result's embed rows")
     parser.add_argument("--shuffle-probe", metavar="CONFIG", help=argparse.SUPPRESS)  # shuffle_cost's own process
@@ -322,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--runs-only needs the --work folder of an earlier run")
         earlier = json.loads(result_path("scale", args.out).read_text())
     work = Path(args.work or tempfile.mkdtemp(prefix="raydistill-scale-"))
+    # A one-machine instance, started with the settings raydistill gives its own local instances.
+    prepare_local_ray_env()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(env)
     names = make_images(work / "images")
@@ -335,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     address = re.search(r"--address='([^']+)'", head.stdout).group(1)
     rows, shuffles = [], []
     try:
-        for n in args.sizes:
-            rows.extend(measure(n, work / f"n{n}", names, teacher, address, earlier))
+        embeds = [embed_row(n, work / f"n{n}", names, teacher, address, earlier) for n in args.sizes]
+        # Interleaved (10k, 100k, 1M, 10k, ...): whatever else slows the machine for a while hits every size.
+        runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.sizes}
+        for _ in range(args.repeats):
+            for n in args.sizes:
+                runs[n].append(run_once(n, work / f"n{n}", address))
+        for embed, n in zip(embeds, args.sizes):
+            rows.extend([embed, run_row(n, runs[n])])
         for n in args.sizes:
             log(f"{n:,} images: an epoch's first batch with train.shuffle files, then global")
             shuffles.append({"images": n, **shuffle_cost(work / f"n{n}" / "scale.yaml", address)})
@@ -355,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             / by[("run", small)]["object_store_training_peak_mb"],
         }
     obj = result("scale", {"sizes": args.sizes, "test_images": TEST_IMAGES, "distinct_files": DISTINCT_FILES,
-                           "run_steps": RUN_STEPS, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16",
+                           "run_steps": RUN_STEPS, "run_repeats": args.repeats, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16",
                            "data_object_store_mb": Config().ray.data_object_store_mb},
                  rows=rows, shuffle=shuffles, ratios_largest_vs_smallest=ratios)
     write_result(obj, args.out)

@@ -311,3 +311,12 @@ def test_placement_keys_of_the_on_prem_file_match_the_cluster_configs(tmp_path: 
             next(a for a in teacher if a.startswith("--resources="))[len("--resources="):]))
     assert raw["min_workers"] == len(raw["provider"]["worker_ips"])
     assert os.path.basename(raw["auth"]["ssh_private_key"]).startswith("id_")
+
+
+def test_clusters_doc_gives_the_local_instance_settings_for_ray_start() -> None:
+    # docs/clusters.md tells users of small clusters to export what raydistill sets for its own local instances.
+    from raydistill.pipeline.ray_env import LOCAL_RAY_ENV
+
+    doc = (REPO / "docs" / "clusters.md").read_text()
+    for key, value in LOCAL_RAY_ENV.items():
+        assert f"export {key}={value} " in doc, key
