@@ -337,3 +337,21 @@ def test_each_epoch_has_its_own_seeded_order_whatever_the_blocks(tmp_path: Path)
     assert order(seed=0, epoch=1, blocks=3) != first  # a new order every epoch
     assert order(seed=1, epoch=0, blocks=3) != first  # and for every seed
     assert order(seed=0, epoch=0, blocks=3, mode="files") == [f"img{k:03d}" for k in range(200)]
+
+
+def test_decode_splits_a_large_block_across_tasks_in_order(monkeypatch):
+    # A Parquet read makes blocks of thousands of light rows, and one task decodes a whole block: the decode
+    # stage takes blocks of at most DECODE_BLOCK_ROWS images, in the source's order.
+    from raydistill.pipeline import plans
+
+    monkeypatch.setattr(plans, "DECODE_BLOCK_ROWS", 100)
+    jpegs = val_jpegs(5)
+    rows = ray.data.from_items([{"image_id": f"img{k:03d}", "path": str(jpegs[k % 5]),
+                                 "captions": ["a"], "caption_ids": [f"c{k}"]}
+                                for k in range(250)], override_num_blocks=1)
+    decoded = plans.decoded(rows, config_from_dict({}), {"pixels": 16}, None, count_bad=False)
+    blocks = [ray.get(ref) for bundle in decoded.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    assert max(block.num_rows for block in blocks) <= 100  # not 250: the one block went to three tasks
+    ids = [i for block in blocks for i in block.column("image_id").to_pylist()]
+    assert ids == [f"img{k:03d}" for k in range(250)]
+    assert all(tuple(block.column("pixels").type.shape) == (16, 16, 3) for block in blocks)
