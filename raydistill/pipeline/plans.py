@@ -101,10 +101,9 @@ def configure_data_context(cfg: Config) -> None:
         ctx.target_max_block_size = max_block_bytes(limit, ctx.target_max_block_size)
 
 
-#: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size: at 64 MiB
-#: a block of a large cache held 180,000 rows, the reader ran a whole epoch ahead of training in a few such
-#: blocks (each operator may hold one whatever the budget), and reading the cache was slower per row at a
-#: million images than at ten thousand.
+#: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size, and each
+#: operator may hold one block whatever the budget: with large blocks of light cache rows the reader would run
+#: most of an epoch ahead of training, past the budget.
 MAX_BLOCK_MB = 8
 
 
