@@ -129,13 +129,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from raydistill.data.synth import generate_scenes
+    from raydistill.data.synth import generate_scenes, shared_caption_fraction
 
     path = generate_scenes(args.out, n_images=args.n_images, image_size=args.image_size, seed=args.seed,
                            captions_per_image=(args.min_captions, args.max_captions))
-    print(f"wrote {path} (images in {path.parent / 'images'})", file=sys.stderr)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    # Captions that also caption another image cap every model's recall: say how many there are.
+    shared = shared_caption_fraction(document) if any(i["split"] == "train" for i in document["images"]) else None
+    print(f"wrote {path} (images in {path.parent / 'images'})"
+          + (f"; {100 * shared:.1f} % of training captions also caption another image" if shared is not None else ""),
+          file=sys.stderr)
     if args.json:
-        print_json({"dataset": str(path), "images_dir": str(path.parent / "images")})
+        print_json({"dataset": str(path), "images_dir": str(path.parent / "images"),
+                    "shared_caption_fraction": shared})
     return 0
 
 

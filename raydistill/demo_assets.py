@@ -20,8 +20,9 @@ from raydistill.paths import raydistill_home
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_TEACHER_CONFIG = "demo-teacher.yaml"
 # The checkpoint `raydistill run configs/demo-teacher.yaml` produced, shipped so the demo fits in its time
-# budget on 2 cores. SOURCE.json records the config's sha256: edit the config and the shipped copy is ignored
-# (the teacher is fitted again on first use).
+# budget on 2 cores. SOURCE.json records the config's sha256 and the synthetic generator's version: edit the
+# config, or change what the generator writes, and the shipped copy is ignored (the teacher is fitted again on
+# first use).
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "demo-teacher"
 
 
@@ -42,19 +43,25 @@ QUICK_TEACHER_OVERRIDES = ["train.steps=60", "train.checkpoint_every=60"]
 
 
 def demo_teacher_dir(quick: bool = False) -> Path:
-    """Where a locally fitted demo teacher for the current ``configs/demo-teacher.yaml`` lives."""
+    """Where a locally fitted demo teacher for the current ``configs/demo-teacher.yaml`` and synthetic data lives."""
+    from raydistill.data.synth import GENERATOR_VERSION
+
     suffix = "-quick" if quick else ""
-    return raydistill_home() / "demo-teacher" / (demo_teacher_config_sha256()[:16] + suffix)
+    return raydistill_home() / "demo-teacher" / f"{demo_teacher_config_sha256()[:16]}-synth{GENERATOR_VERSION}{suffix}"
 
 
 def shipped_demo_teacher() -> Path | None:
-    """The shipped checkpoint, if it was made from the current ``configs/demo-teacher.yaml``."""
+    """The shipped checkpoint, if it was made from the current ``configs/demo-teacher.yaml`` and synthetic data."""
+    import json
+
+    from raydistill.data.synth import GENERATOR_VERSION
+
     source = SHIPPED_TEACHER / "SOURCE.json"
     if not source.is_file():
         return None
-    import json
-
-    if json.loads(source.read_text()).get("config_sha256") != demo_teacher_config_sha256():
+    recorded = json.loads(source.read_text())
+    if (recorded.get("config_sha256"), recorded.get("synth_generator_version")) != (demo_teacher_config_sha256(),
+                                                                                   GENERATOR_VERSION):
         return None
     return SHIPPED_TEACHER
 

@@ -65,12 +65,33 @@ def test_the_shipped_teacher_is_the_one_its_config_fits() -> None:
     from raydistill.demo_assets import SHIPPED_TEACHER, demo_teacher_config_sha256
     from raydistill.models.teachers import load_teacher
 
+    from raydistill.data.synth import GENERATOR_VERSION
+
     source = json.loads((SHIPPED_TEACHER / "SOURCE.json").read_text())
     assert source["config_sha256"] == demo_teacher_config_sha256()
+    assert source["synth_generator_version"] == GENERATOR_VERSION  # fitted on the data the demo now generates
     assert source["command"] == "raydistill run configs/demo-teacher.yaml"
     assert ensure_demo_teacher() == SHIPPED_TEACHER  # used as is: nothing is fitted
     teacher = load_teacher({"kind": "raydistill", "checkpoint": str(SHIPPED_TEACHER)})
     assert (teacher.dim, teacher.image_size) == (256, 48)
-    assert sum(p.numel() for p in teacher.model.parameters()) == 5_031_168
+    assert sum(p.numel() for p in teacher.model.parameters()) == 4_968_192
     emb = teacher.embed_texts(["a small red circle left of a large blue square"])
     assert emb.shape == (1, 256) and np.isclose(np.linalg.norm(emb), 1.0, atol=1e-5)
+
+
+def test_the_shipped_teacher_is_ignored_when_the_synthetic_data_changes(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """A new generator version means new data: the shipped teacher (fitted on the old) is not used, and a
+    teacher fitted locally for the old data is not found either."""
+    from raydistill import demo_assets
+    from raydistill.data import synth
+
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path))
+    assert demo_assets.shipped_demo_teacher() == demo_assets.SHIPPED_TEACHER
+    current = demo_assets.demo_teacher_dir()
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
+    assert demo_assets.shipped_demo_teacher() is None
+    assert demo_assets.demo_teacher_dir() != current
+    (current / "config.json").parent.mkdir(parents=True)
+    (current / "config.json").write_text("{}")
+    assert demo_assets.find_demo_teacher() is None

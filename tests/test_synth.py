@@ -19,12 +19,14 @@ from raydistill.data.sources import read_karpathy
 from raydistill.data.synth import (
     BACKGROUNDS,
     PALETTE,
+    REGION_WORDS,
     RELATION_WORDS,
     SHAPE_WORDS,
     SIZE_WORDS,
     ensure_synth_dataset,
     generate_scenes,
     params_hash,
+    shared_caption_fraction,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +137,8 @@ def test_captions_agree_with_the_scene(tmp_path: Path):
     clause, size_of, shape_of, relation_of = _phrase_pattern()
     noun = re.compile(rf"(?:a|the) ({'|'.join(size_of)}) ({'|'.join(PALETTE)}) "
                       rf"({'|'.join(sorted(shape_of, key=len, reverse=True))})")
+    region_of = {w: region for region, words in REGION_WORDS.items() for w in words}
+    where = re.compile(rf"\b({'|'.join(sorted(map(re.escape, region_of), key=len, reverse=True))})\b")
     shape_counts = Counter()
     for item in document["images"]:
         shapes = item["scene"]["shapes"]
@@ -149,11 +153,64 @@ def test_captions_agree_with_the_scene(tmp_path: Path):
             assert mentioned == set(by_description), raw
             clauses = clause.findall(raw)
             assert len(clauses) == len(shapes) - 1, raw
+            said = [region_of[words] for words in where.findall(raw)]
+            assert said == ([_region(shapes[0]["center"], 48)] if len(shapes) == 1 else []), raw
             for size_a, colour_a, shape_a, relation, size_b, colour_b, shape_b in clauses:
                 a = by_description[(size_of[size_a], colour_a, shape_of[shape_a])]
                 b = by_description[(size_of[size_b], colour_b, shape_of[shape_b])]
                 assert _relation_holds(relation_of[relation], a, b), raw
     assert set(shape_counts) == {1, 2, 3}  # every scene complexity occurs
+
+
+def _region(center: list[int], image_size: int) -> str:
+    """Naive reference: which third, both ways, holds the centre; asserts it is clear of the borders."""
+    names = []
+    for value, words in zip(reversed(center), (("top", "", "bottom"), ("left", "", "right"))):
+        third = value / (image_size / 3)
+        assert 0.15 <= third % 1 <= 0.85, (center, "a lone shape stands near a region border")
+        names.append(words[int(third)])
+    return " ".join(n for n in names if n) or "centre"
+
+
+def test_region_of_hand_cases():
+    assert synth.region_of([5, 5], 48) == "top left"
+    assert synth.region_of([24, 5], 48) == "top"
+    assert synth.region_of([47, 24], 48) == "right"
+    assert synth.region_of([24, 24], 48) == "centre"
+    assert synth.region_of([15, 47], 48) == "bottom left"
+    assert synth.region_of([16, 32], 48) == "bottom"
+
+
+@pytest.mark.parametrize("image_size", [32, 33, 48, 100])
+def test_lone_shapes_reach_every_region_clear_of_borders(tmp_path: Path, image_size: int):
+    path = generate_scenes(tmp_path / "d", n_images=300, image_size=image_size, seed=5)
+    regions = Counter()
+    for item in json.loads(path.read_text())["images"]:
+        shapes = item["scene"]["shapes"]
+        if len(shapes) == 1:
+            assert shapes[0]["region"] == _region(shapes[0]["center"], image_size)
+            regions[shapes[0]["region"]] += 1
+    assert set(regions) == set(REGION_WORDS)
+
+
+def test_the_demo_dataset_has_few_shared_captions(tmp_path: Path):
+    """The embedded benchmark's data: under 5 % of training captions also caption another image."""
+    path = generate_scenes(tmp_path / "d", n_images=1500, image_size=48, seed=0)
+    fraction = shared_caption_fraction(json.loads(path.read_text()))
+    assert 0 < fraction < 0.05
+
+
+def test_shared_caption_fraction_hand_case():
+    def image(imgid, split, *raws):
+        return {"imgid": imgid, "split": split, "sentences": [{"raw": r} for r in raws]}
+
+    document = {"images": [image(0, "train", "a", "b"), image(1, "train", "a", "c"), image(2, "test", "b", "d"),
+                           image(3, "train", "e", "e")]}
+    # train captions a, b, a, c, e, e: a (twice, images 0 and 1) and b (images 0 and 2) are shared; e is one image's
+    assert shared_caption_fraction(document) == pytest.approx(3 / 6)
+    assert shared_caption_fraction(document, "test") == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="'val'"):
+        shared_caption_fraction(document, "val")
 
 
 def test_relation_between_hand_cases():
@@ -287,3 +344,16 @@ def test_ensure_from_two_processes_at_once(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == [expected.parent.name]  # no temporary folders left
     reference = generate_scenes(tmp_path.parent / f"{tmp_path.name}-ref", n_images=60, image_size=32, seed=5)
     assert _files(expected.parent) == _files(reference.parent)
+
+
+def test_data_synth_command_reports_shared_captions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from raydistill.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n-images", "60", "--image-size", "48",
+                 "--seed", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    document = json.loads((tmp_path / "d" / "dataset_synth.json").read_text())
+    assert summary["dataset"] == str(tmp_path / "d" / "dataset_synth.json")
+    assert summary["shared_caption_fraction"] == shared_caption_fraction(document)
+    assert f"{100 * summary['shared_caption_fraction']:.1f} % of training captions also caption another image" in err

@@ -8,7 +8,10 @@ below), and each image gets several paraphrased captions built from templates, e
     "there is a tiny blue box to the right of a big red disc"
 
 Captions name every shape fully (size, colour, shape), and no two shapes in one image share all three,
-so retrieving the right image needs colour, shape, size and relation right. The geometry behind each
+so retrieving the right image needs colour, shape, size and relation right. A lone shape stands well
+inside one of nine regions of the image (top left, top, ..., centre, ..., bottom right) and its captions
+say which, e.g. "a small red circle in the top left corner": without it the 80 possible lone shapes
+would give many images the same captions, and a retrieval benchmark would count those as misses. The geometry behind each
 image is stored in its record under ``"scene"`` (readers ignore it), which lets tests check that the
 pixels agree with the words.
 
@@ -36,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 #: Bump when the generator's output changes, so cached datasets from older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 JSON_NAME = "dataset_synth.json"
 COMPLETE_MARKER = "COMPLETE"
 #: Datasets with at least this many images report progress on stderr.
@@ -74,9 +77,26 @@ RELATION_WORDS = {
     "below": ("below", "under", "beneath"),
 }
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+#: Where a lone shape stands: the image is cut in thirds both ways; (row, column) -> region name.
+REGIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right",
+           (1, 0): "left", (1, 1): "centre", (1, 2): "right",
+           (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
+REGION_WORDS = {
+    "top left": ("in the top left corner", "at the top left", "in the upper left"),
+    "top": ("at the top", "near the top edge", "in the upper middle"),
+    "top right": ("in the top right corner", "at the top right", "in the upper right"),
+    "left": ("at the left edge", "on the left side", "in the middle of the left side"),
+    "centre": ("in the centre", "in the middle", "at the centre"),
+    "right": ("at the right edge", "on the right side", "in the middle of the right side"),
+    "bottom left": ("in the bottom left corner", "at the bottom left", "in the lower left"),
+    "bottom": ("at the bottom", "near the bottom edge", "in the lower middle"),
+    "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right"),
+}
+#: A lone shape's centre keeps this fraction of a third away from its region's borders, so the region is clear.
+REGION_MARGIN = 0.15
 
-_SINGLE_TEMPLATES = ("{a}", "a picture of {a}", "there is {a} on a plain background", "{a} on its own",
-                     "an image with {a}")
+_SINGLE_TEMPLATES = ("{a} {where}", "a picture of {a} {where}", "there is {a} {where} on a plain background",
+                     "{a} on its own {where}", "an image with {a} {where}")
 _PAIR_TEMPLATES = ("{s} {rel} {o}", "{s} is {rel} {o}", "there is {s} {rel} {o}", "a picture of {s} {rel} {o}",
                    "{s} sits {rel} {o}")
 _TRIPLE_TEMPLATES = ("{c1} and {c2}", "{c1}, and {c2}", "{c1}; {c2}", "there is {c1}, and {c2}")
@@ -104,6 +124,29 @@ def relation_between(a: dict, b: dict) -> str | None:
     return None
 
 
+def region_of(center: list[int] | tuple[int, int], image_size: int) -> str:
+    """The region name (a key of `REGION_WORDS`) of the third, both ways, that holds ``center`` (x, y)."""
+    x, y = center
+    return REGIONS[(min(2, 3 * y // image_size), min(2, 3 * x // image_size))]
+
+
+def _place_alone(shape: dict, rng: np.random.Generator, image_size: int) -> None:
+    """Put a lone shape's centre well inside a random region (and 1 px from the border) and record the region."""
+    r = shape["radius"]
+    third = image_size / 3
+    spans = []
+    for cell in range(3):  # the allowed centre coordinates in each third, along one axis
+        low = max(r + 1, math.ceil(third * (cell + REGION_MARGIN)))
+        high = min(image_size - r - 2, math.floor(third * (cell + 1 - REGION_MARGIN)) - 1)
+        spans.append((low, high))
+    # Rows and columns where a centre fits (large shapes on small images may not reach every third).
+    cells = [k for k, (low, high) in enumerate(spans) if low <= high]
+    row, column = (cells[rng.integers(len(cells))] for _ in range(2))
+    shape["center"] = [int(rng.integers(spans[column][0], spans[column][1] + 1)),
+                       int(rng.integers(spans[row][0], spans[row][1] + 1))]
+    shape["region"] = region_of(shape["center"], image_size)
+
+
 def _apart(a: dict, b: dict) -> bool:
     """Boxes separated by at least 2 pixels along some axis, so shapes never touch."""
     (ax, ay), (bx, by) = a["center"], b["center"]
@@ -122,6 +165,10 @@ def _sample_scene(rng: np.random.Generator, image_size: int) -> dict:
             kinds.append(kind)
     while True:
         shapes = [{"shape": s, "color": c, "size": z, "radius": _radius(z, image_size)} for s, c, z in kinds]
+        if len(shapes) == 1:
+            _place_alone(shapes[0], rng, image_size)
+            return {"background": list(BACKGROUNDS[rng.integers(len(BACKGROUNDS))]), "shapes": shapes,
+                    "relations": []}
         for _ in range(_PLACEMENT_TRIES):
             for shape in shapes:
                 r = shape["radius"]
@@ -158,7 +205,8 @@ def _caption(scene: dict, rng: np.random.Generator) -> str:
     shapes, relations = scene["shapes"], scene["relations"]
     if len(shapes) == 1:
         template = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
-        return template.format(a=_noun_phrase(shapes[0], "a", rng))
+        where = REGION_WORDS[shapes[0]["region"]]
+        return template.format(a=_noun_phrase(shapes[0], "a", rng), where=where[rng.integers(len(where))])
     if len(shapes) == 2:
         s, rel, o = _clause(scene, relations[0], {0: "a", 1: "a"}, rng)
         return _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))].format(s=s, rel=rel, o=o)
@@ -218,6 +266,23 @@ def render_scene(scene: dict, image_size: int) -> Image.Image:
 def tokenize(raw: str) -> list[str]:
     """Karpathy-style tokens: lower-cased runs of letters and digits."""
     return [token for token in _TOKEN_SPLIT.split(raw.lower()) if token]
+
+
+def shared_caption_fraction(document: dict, split: str = "train") -> float:
+    """The fraction of ``split``'s captions whose exact text also captions another image (of any split).
+
+    Retrieval counts such a caption's other image as a miss although nothing tells the two apart, so this
+    bounds every model's recall; ``document`` is a loaded ``dataset_synth.json`` (or any Karpathy document).
+    """
+    owners: dict[str, set[int]] = {}
+    for image in document["images"]:
+        for sentence in image["sentences"]:
+            owners.setdefault(sentence["raw"], set()).add(image["imgid"])
+    in_split = [sentence["raw"] for image in document["images"] if image["split"] == split
+                for sentence in image["sentences"]]
+    if not in_split:
+        raise ValueError(f"no captions in split {split!r}")
+    return sum(len(owners[raw]) > 1 for raw in in_split) / len(in_split)
 
 
 def _validate(n_images: Any, image_size: Any, captions_per_image: Any, split_fractions: Any, jpeg_quality: Any,
@@ -398,6 +463,8 @@ def ensure_synth_dataset(root: str | os.PathLike, **params: Any) -> Path:
 __all__ = [
     "BACKGROUNDS",
     "PALETTE",
+    "REGIONS",
+    "REGION_WORDS",
     "RELATION_WORDS",
     "SHAPES",
     "SHAPE_WORDS",
@@ -405,7 +472,9 @@ __all__ = [
     "ensure_synth_dataset",
     "generate_scenes",
     "params_hash",
+    "region_of",
     "relation_between",
     "render_scene",
+    "shared_caption_fraction",
     "tokenize",
 ]
