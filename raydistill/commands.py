@@ -72,7 +72,8 @@ def _load(args: argparse.Namespace):
 
 
 def _ensure_demo_teacher(cfg) -> None:
-    if cfg.teacher.kind == "demo":
+    # A ground-truth run (the baseline, or fitting the demo teacher itself) never loads its teacher.
+    if cfg.teacher.kind == "demo" and cfg.distill.objective != "ground_truth":
         from raydistill.demo import ensure_demo_teacher
 
         ensure_demo_teacher()

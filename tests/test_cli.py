@@ -89,3 +89,18 @@ def test_a_user_error_raised_in_a_ray_task_is_reported_as_itself(monkeypatch, ca
         assert err.strip().splitlines() == ["raydistill: error: shards/a.tar: member k.txt: not valid UTF-8 at byte 3"]
     finally:
         ray.shutdown()
+
+
+def test_only_a_run_that_uses_the_demo_teacher_fits_it_first(monkeypatch) -> None:
+    """`raydistill run configs/demo-teacher.yaml` (ground truth, no teacher) must not fit a demo teacher before
+    fitting one; a DSMD run naming the demo teacher gets it first."""
+    from raydistill import demo
+    from raydistill.config import load_config
+    from raydistill.demo_assets import config_path
+
+    fitted = []
+    monkeypatch.setattr(demo, "ensure_demo_teacher", lambda quick=False: fitted.append(quick))
+    commands._ensure_demo_teacher(load_config(config_path("demo-teacher.yaml")))
+    assert fitted == []
+    commands._ensure_demo_teacher(load_config(config_path("demo.yaml")))
+    assert fitted == [False]
