@@ -5,7 +5,7 @@ The fitted demo teacher embeds the synthetic captioned scenes once, through the 
 teacher and data: :func:`reusable_cache_dir`). Every student arm then trains in this process with the training
 step the Ray Train workers run (``pipeline.trainer.Trainer``) on the cached rows, read and decoded here with the
 pipeline's row functions, and is evaluated as a run evaluates (``pipeline.evaluate.embed_split``), all with the
-same data, steps, batch size, optimizer and schedule:
+same data, batch size and optimizer:
 
 - ``dsmd``: the four losses and the ``dsmd`` balancer (configs/demo.yaml);
 - ``baseline``: the same student without a teacher (ground-truth image-text contrastive loss);
@@ -13,30 +13,37 @@ same data, steps, batch size, optimizer and schedule:
 - ``balancer_<kind>``: DSMD with another balancer (``dsmd_rate``, ``fixed`` equal weights, ``dwa``,
   ``uncertainty``).
 
-Each arm gets its own best learning rate from a small grid (a baseline at a bad learning rate flatters
-distillation): every rate of the grid runs with every seed, and the rate with the best mean validation RSUM over
-the seeds is chosen (choosing on one seed favoured rates at the edge of stability, where another seed
-collapsed). The table gives the test-split mean and spread (sample standard deviation) over the seeds at that
-rate.
+**Protocol.** ``dsmd`` and ``baseline`` get the same search (a baseline tuned less than the method flatters
+distillation): every setting of the grid (learning rate x AdamW beta2 x warm-up fraction) trains for ``--steps``
+with seed 0; the ``--finalists`` settings with the best validation RSUM also train with the other seeds; the
+setting with the best mean validation RSUM over all seeds is the arm's choice, and the table gives the test
+split's mean and spread (sample standard deviation) over the seeds at that setting. Both arms then train at
+their choice for ``--long-steps`` (the converged budget; the schedule spans the whole budget), every seed. The
+ablation arms train at DSMD's choice, every seed: each removes one part of the tuned recipe. Every run
+records its validation RSUM every ``--curve-every`` steps (the curves in the result and in MLflow).
 
-    python -m benchmarks.quality                               # the full table (about three hours on 2 cores)
-    python -m benchmarks.quality --arms dsmd baseline --seeds 2  # just the headline gap
-    python -m benchmarks.quality --arms no_feature --merge         # add arms to results/quality.json
+    python -m benchmarks.quality                                # everything (hours on 2 cores; resumable)
+    python -m benchmarks.quality --arms dsmd baseline            # the headline gap at both budgets
+    python -m benchmarks.quality --arms no_feature --merge       # add an arm to results/quality.json
 
-``--merge`` keeps the arms already in the result file that this run does not re-measure, and reuses the file's
-runs (arm, rate, seed) of the arms it measures instead of training them again (a run is deterministic for its
-settings; ``--rerun`` trains them again); it refuses a file measured with other settings (steps, batch size,
-images, grid, seeds, teacher) or whose teacher scored differently on the test split (other data or weights).
-Rows measured by the earlier protocol (rate chosen on seed 0 alone) say so in their ``select_on``.
+Each finished run is appended to a journal (``results/quality-runs.jsonl``) and a later call with the same
+data and teacher reuses it instead of training again (a run is deterministic for its settings), so a long
+measurement can stop and go on, in the same session or another; ``--rerun`` trains again. ``--merge`` keeps
+the arms of the result file that this call does not measure (it refuses a file measured with other settings).
+Runs trained here are logged to MLflow (``--tracking-uri``, experiment ``raydistill-quality-benchmark``) with
+their settings and validation curve.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +70,31 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = copy.deepcopy(value)
 
 
-def arm_config(base: dict[str, Any], arm: str, lr: float, seed: int, dim: int) -> Any:
-    """The typed config of one arm at one learning rate and seed, from the benchmark's base config (a dict)."""
+@dataclasses.dataclass(frozen=True, order=True)
+class Setting:
+    """One point of the search grid."""
+
+    lr: float
+    beta2: float
+    warmup: float
+
+    def label(self) -> str:
+        return f"lr {self.lr:g}, beta2 {self.beta2:g}, warm-up {self.warmup:g}"
+
+    def fields(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def arm_config(base: dict[str, Any], arm: str, setting: Setting, seed: int, dim: int, steps: int) -> Any:
+    """The typed config of one arm at one setting, seed and budget, from the benchmark's base config (a dict)."""
     from raydistill.config import config_from_dict
 
     raw = copy.deepcopy(base)
     raw["student"]["embed_dim"] = dim  # the teacher's: the baseline has no teacher to take it from
     for key, value in ARMS[arm].items():
         _set(raw, key, value)
-    raw["train"]["lr"], raw["train"]["seed"] = lr, seed
+    raw["train"].update(lr=setting.lr, adam_beta2=setting.beta2, warmup_fraction=setting.warmup, seed=seed,
+                        steps=steps)
     return config_from_dict(raw)
 
 
@@ -109,8 +132,10 @@ def evaluate(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_len: in
     return student_metrics(emb, cfg.eval.chunk_size)
 
 
-def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int) -> Any:
-    """Train one student with the workers' training step; returns the model."""
+def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int,
+              validate: Callable[[Any], float] | None = None, every: int = 0) -> tuple[Any, list[list[float]]]:
+    """Train one student with the workers' training step; returns the model and its validation curve, the
+    ``[step, RSUM]`` of ``validate(model)`` every ``every`` steps and at the end (empty without ``validate``)."""
     import random
 
     import torch
@@ -126,44 +151,152 @@ def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps
     tensors = {k: torch.as_tensor(rows[k]) for k in keys}
     n, batch = len(rows["input_ids"]), cfg.train.batch_size
     rng = np.random.default_rng(seed)
+    curve: list[list[float]] = []
     while trainer.step < steps:
         order = torch.as_tensor(rng.permutation(n))
         for start in range(0, n - batch + 1, batch):
             idx = order[start:start + batch]
             trainer.train_step({k: v[idx] for k, v in tensors.items()})
+            # Validation draws no random numbers, and the next step puts the model back in training mode.
+            if validate is not None and ((every and trainer.step % every == 0) or trainer.step == steps):
+                curve.append([trainer.step, validate(trainer.raw_model)])
             if trainer.step >= steps:
                 break
         trainer.epoch += 1
-    return trainer.raw_model
+    return trainer.raw_model, curve
+
+
+class Journal:
+    """The runs measured so far, one JSON line each (``--journal``), reused by later calls on the same data.
+
+    A line is appended (and flushed to disk) as soon as its run finishes, so stopping a long measurement loses
+    at most the run under way; a last line cut off mid-write is ignored. Runs of another ``identity`` (other
+    data, teacher or batch size) are ignored too.
+    """
+
+    def __init__(self, path: Path, identity: dict[str, Any], reuse: bool = True) -> None:
+        import json
+
+        self.path, self.identity = path, identity
+        self._runs: dict[tuple, dict[str, Any]] = {}
+        if not reuse or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the process was stopped while writing it
+                    log(f"{path}: ignoring its last line, cut off mid-write")
+                    continue
+                raise SystemExit(f"{path}, line {number}: not a JSON run record; move the file aside to start "
+                                 "a new journal") from None
+            if self._same(record.get("identity", {})):
+                self._runs[self.key(record)] = record
+
+    def _same(self, other: dict[str, Any]) -> bool:
+        return (set(other) == set(self.identity) and all(
+            abs(other[k] - v) <= 1e-6 if isinstance(v, float) else other[k] == v for k, v in self.identity.items()))
+
+    @staticmethod
+    def key(record: dict[str, Any]) -> tuple:
+        return record["arm"], Setting(record["lr"], record["beta2"], record["warmup"]), record["seed"], record["steps"]
+
+    def get(self, arm: str, setting: Setting, seed: int, steps: int) -> dict[str, Any] | None:
+        return self._runs.get((arm, setting, seed, steps))
+
+    def add(self, record: dict[str, Any]) -> None:
+        import json
+
+        record = {**record, "identity": self.identity}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._runs[self.key(record)] = record
+
+
+def summarize(runs: list[dict[str, Any]], select_on: str) -> dict[str, Any]:
+    """An arm's row: the test split's mean recalls and RSUM spread over the seeds of one setting and budget,
+    and the validation curve averaged over the seeds."""
+    tests = [r["test"] for r in runs]
+    row: dict[str, Any] = {k: statistics.fmean(t[k] for t in tests) for k in RECALLS}
+    row.update({
+        "rsum_std": statistics.stdev([t["rsum"] for t in tests]) if len(tests) > 1 else 0.0,
+        "rsum_per_seed": [t["rsum"] for t in tests],
+        **{k: runs[0][k] for k in ("lr", "beta2", "warmup", "steps")},
+        "select_on": select_on,
+        "params": runs[0]["params"],
+        "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
+        "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
+    })
+    steps = [step for step, _ in runs[0]["curve"]]
+    if steps and all([s for s, _ in r["curve"]] == steps for r in runs):
+        row["val_curve"] = [[step, statistics.fmean(r["curve"][k][1] for r in runs)] for k, step in enumerate(steps)]
+    return row
+
+
+def search(arm: str, grid: list[Setting], seeds: int, finalists: int,
+           run: Callable[[str, Setting, int], dict[str, Any]]) -> tuple[Setting, list[dict[str, Any]], dict[str, Any]]:
+    """The arm's setting: every setting with seed 0, the ``finalists`` best of those with every seed, then the
+    best mean validation RSUM over the seeds. Returns it, its runs (one per seed) and the validation RSUM of
+    every setting tried (seed 0, and the mean over the seeds where it was a finalist)."""
+    first = {setting: run(arm, setting, 0) for setting in grid}
+    ranked = sorted(grid, key=lambda setting: (first[setting]["val_rsum"], setting), reverse=True)
+    final = {setting: [first[setting]] + [run(arm, setting, seed) for seed in range(1, seeds)]
+             for setting in ranked[:finalists or len(grid)]}
+    mean_val = {setting: statistics.fmean(r["val_rsum"] for r in final[setting]) for setting in final}
+    best = max(final, key=lambda setting: (mean_val[setting], setting))
+    by_setting = {setting.label(): {"seed_0": first[setting]["val_rsum"], "mean": mean_val.get(setting)}
+                  for setting in grid}
+    return best, final[best], by_setting
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="demo", help="demo (the fitted demo teacher) | tiny (smoke test)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="learning-rate grid")
+    p.add_argument("--lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+                   help="learning rates of the grid")
+    p.add_argument("--beta2s", type=float, nargs="+", default=[0.98, 0.999], help="AdamW beta2 values of the grid")
+    p.add_argument("--warmups", type=float, nargs="+", default=[0.05, 0.2],
+                   help="warm-up fractions (of the run's steps) of the grid")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--finalists", type=int, default=4,
+                   help="settings (best on seed 0) that train with every seed; 0: all of them")
+    p.add_argument("--steps", type=int, default=300, help="the equal budget the grid searches at")
+    p.add_argument("--long-steps", type=int, default=3000,
+                   help="the converged budget: dsmd and baseline at their setting (0: skip)")
+    p.add_argument("--curve-every", type=int, default=50, help="validation RSUM every this many steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--images", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None)
+    p.add_argument("--journal", default=None,
+                   help="the run journal (default: quality[-TAG]-runs.jsonl beside the result file)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of the trained runs (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<RAYDISTILL_HOME>/benchmarks/mlflow.db)")
     p.add_argument("--merge", action="store_true",
-                   help="keep the other arms of the existing result file and reuse its runs (same settings and "
-                        "teacher required)")
-    p.add_argument("--rerun", action="store_true", help="with --merge: train the measured arms' runs again")
+                   help="keep the result file's arms that this call does not measure (same settings required)")
+    p.add_argument("--rerun", action="store_true", help="train every run again instead of reusing the journal's")
     args = p.parse_args(argv)
     previous = _previous(args) if args.merge else None
+    grid = [Setting(lr, beta2, warmup) for lr in args.lrs for beta2 in args.beta2s for warmup in args.warmups]
 
     import ray
     import torch
 
     from benchmarks.teacher_throughput import teacher_spec
     from raydistill.models.tokenizers import build_wordpiece_tokenizer
+    from raydistill.paths import raydistill_home
     from raydistill.pipeline.evaluate import batches_from_rows, embed_split, teacher_metrics
     from raydistill.pipeline.rows import explode_batch
     from raydistill.pipeline.runner import embed
+    from raydistill.tracking import Tracker
+    from raydistill.tracking_store import resolve_tracking_uri
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,25 +332,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if previous is not None and abs(previous["teacher"]["rsum"] - teacher_row["rsum"]) > 1e-6:
         raise SystemExit(f"--merge: the teacher scored RSUM {teacher_row['rsum']:.4f} on the test split, the "
                          f"result file's {previous['teacher']['rsum']:.4f}: other data or weights; run all arms")
+    # Runs are reused only on the same data, teacher and batch, and with the same torch threads (the order of a
+    # threaded reduction moves the last float bits, and a run's recall with them).
+    identity = {"teacher": args.teacher, "teacher_rsum": teacher_row["rsum"], "images": args.images,
+                "batch_size": args.batch_size, "student": cfg.student.preset, "threads": args.threads}
+    journal_path = Path(args.journal) if args.journal else common.result_path(
+        "quality", args.out, args.tag).with_name(f"quality{'-' + args.tag if args.tag else ''}-runs.jsonl")
+    journal = Journal(journal_path, identity, reuse=not args.rerun)
+    tracking_uri = args.tracking_uri or resolve_tracking_uri(None, raydistill_home() / "benchmarks")
     runs: list[dict[str, Any]] = []
 
-    def run(arm: str, lr: float, seed: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        model = train_arm(arm_config(base, arm, lr, seed, dim), rows, dim, len(tokenizer), args.steps)
-        record = {"arm": arm, "lr": lr, "seed": seed,
-                  "val_rsum": evaluate(model, val, tokenizer, max_len, cfg)["rsum"],
-                  "test": evaluate(model, test, tokenizer, max_len, cfg),
-                  "params": int(model.num_parameters()), "seconds": time.perf_counter() - start}
-        log(f"{arm} lr {lr:g} seed {seed}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f} "
-            f"({record['seconds']:.0f} s)")
-        runs.append(record)
-        return record
+    def run(arm: str, setting: Setting, seed: int, steps: int) -> dict[str, Any]:
+        name = f"{arm} {setting.label()}, seed {seed}, {steps} steps"
+        record = journal.get(arm, setting, seed, steps)
+        if record is not None:
+            log(f"{name}: reused from {journal.path.name}")
+        else:
+            start = time.perf_counter()
+            cfg_run = arm_config(base, arm, setting, seed, dim, steps)
+            model, curve = train_arm(cfg_run, rows, dim, len(tokenizer), steps,
+                                     lambda m: evaluate(m, val, tokenizer, max_len, cfg)["rsum"], args.curve_every)
+            record = {"arm": arm, **setting.fields(), "seed": seed, "steps": steps, "val_rsum": curve[-1][1],
+                      "curve": curve, "test": evaluate(model, test, tokenizer, max_len, cfg),
+                      "params": int(model.num_parameters()), "seconds": time.perf_counter() - start}
+            record["mlflow_run_id"] = _track(Tracker, tracking_uri, record)
+            journal.add(record)
+            log(f"{name}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f} "
+                f"({record['seconds']:.0f} s)")
+        runs.append({k: v for k, v in record.items() if k != "identity"})
+        return runs[-1]
 
-    def result(measured: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def result(measured: dict[str, dict[str, Any]], converged: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The result object of the arms measured so far (with --merge, and the file's other arms)."""
         arms, all_runs = dict(measured), list(runs)
         if previous is not None:
-            kept = {row["arm"]: {"select_on": LEGACY_SELECT_ON} | {k: v for k, v in row.items() if k != "arm"}
+            kept = {row["arm"]: {k: v for k, v in row.items() if k != "arm"}
                     for row in previous["ablation"] if row["arm"] not in measured}
             all_runs = [r for r in previous["runs"] if r["arm"] in kept] + all_runs
             arms = {name: (measured | kept)[name] for name in ARMS if name in measured or name in kept}
@@ -228,56 +377,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures["baseline"] = arms["baseline"]
         if "dsmd" in arms and "baseline" in arms:
             figures["gain_rsum"] = arms["dsmd"]["rsum"] - arms["baseline"]["rsum"]
+        if converged:
+            figures["converged"] = {"steps": args.long_steps, **converged}
+            if len(converged) == 2:
+                figures["converged"]["gain_rsum"] = converged["distilled"]["rsum"] - converged["baseline"]["rsum"]
         figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
         figures["runs"] = all_runs
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "merge", "rerun")} | {
+        config = {k: v for k, v in vars(args).items()
+                  if k not in ("out", "tag", "merge", "rerun", "journal", "tracking_uri")} | {
             "arms": list(arms), "student": cfg.student.preset, "teacher_dim": dim, "select_on": SELECT_ON,
-            "report_on": "test"}
-        return common.result("quality", config, **figures), arms
+            "report_on": "test", "tracking_experiment": EXPERIMENT}
+        return common.result("quality", config, **figures)
 
-    stored = {} if previous is None or args.rerun else {
-        (r["arm"], r["lr"], r["seed"]): r for r in previous["runs"] if r["arm"] in args.arms}
     measured: dict[str, dict[str, Any]] = {}
-    for arm in args.arms:
-        grid: dict[float, list[dict[str, Any]]] = {}
-        for seed in range(args.seeds):
-            for lr in args.lrs:
-                reused = stored.get((arm, lr, seed))
-                if reused is not None:
-                    log(f"{arm} lr {lr:g} seed {seed}: reused from the result file")
-                    runs.append(reused)
-                grid.setdefault(lr, []).append(reused or run(arm, lr, seed))
-        mean_val = {lr: statistics.fmean(r["val_rsum"] for r in seeds) for lr, seeds in grid.items()}
-        best = max(args.lrs, key=lambda lr: mean_val[lr])
-        tests = [r["test"] for r in grid[best]]
-        summary = {k: statistics.fmean(t[k] for t in tests) for k in RECALLS}
-        summary.update({
-            "rsum_std": statistics.stdev([t["rsum"] for t in tests]) if len(tests) > 1 else 0.0,
-            "rsum_per_seed": [t["rsum"] for t in tests],
-            "lr": best,
-            "select_on": SELECT_ON,
-            "val_rsum_by_lr": {f"{lr:g}": mean_val[lr] for lr in args.lrs},
-            "params": grid[best][0]["params"],
-            "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
-            "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
-        })
-        measured[arm] = summary
-        if args.merge and arm != args.arms[-1]:  # each finished arm is kept: a long run cut short loses one arm
-            common.write_result(result(measured)[0], args.out, args.tag)
+    chosen: dict[str, Setting] = {}
+    for arm in [a for a in SEARCHED if a in args.arms]:
+        chosen[arm], best_runs, by_setting = search(arm, grid, args.seeds, args.finalists,
+                                                    lambda a, setting, seed: run(a, setting, seed, args.steps))
+        measured[arm] = summarize(best_runs, SELECT_ON) | {"val_rsum_by_setting": by_setting}
+        log(f"{arm}: {chosen[arm].label()}, test RSUM {measured[arm]['rsum']:.1f} ± {measured[arm]['rsum_std']:.1f}")
+        common.write_result(result(measured, {}), args.out, args.tag)  # each finished step is kept
+    converged: dict[str, dict[str, Any]] = {}
+    if args.long_steps:
+        for arm, name in (("dsmd", "distilled"), ("baseline", "baseline")):
+            if arm in chosen:
+                converged[name] = summarize([run(arm, chosen[arm], seed, args.long_steps) for seed in range(args.seeds)],
+                                            f"the arm's setting at {args.steps} steps")
+                common.write_result(result(measured, converged), args.out, args.tag)
+    ablations = [a for a in args.arms if a not in SEARCHED]
+    if ablations:
+        if "dsmd" not in chosen:
+            raise SystemExit("the ablation arms train at DSMD's setting: add dsmd to --arms (its runs are reused "
+                             "from the journal)")
+        for arm in ablations:
+            measured[arm] = summarize([run(arm, chosen["dsmd"], seed, args.steps) for seed in range(args.seeds)],
+                                      ABLATION_SELECT_ON)
+            common.write_result(result(measured, converged), args.out, args.tag)
 
     from benchmarks.report import quality_table
 
-    out = result(measured)[0]
+    out = result(measured, converged)
     print(quality_table(out))
     if "gain_rsum" in out:
-        print(f"DSMD - baseline: {out['gain_rsum']:+.1f} RSUM (mean over {args.seeds} seeds)")
+        print(f"DSMD - baseline: {out['gain_rsum']:+.1f} RSUM at {args.steps} steps (mean over {args.seeds} seeds)")
+    if "gain_rsum" in out.get("converged", {}):
+        print(f"DSMD - baseline: {out['converged']['gain_rsum']:+.1f} RSUM at {args.long_steps} steps")
     common.write_result(out, args.out, args.tag)
+    curves = quality_curves(out)
+    if curves:
+        from raydistill.plots import plot_rsum_curves
+
+        log(f"wrote {plot_rsum_curves(curves, common.result_path('quality', args.out, args.tag).with_suffix('.png'))}")
     return out
 
 
+def quality_curves(result: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The validation-RSUM curves (mean over seeds) of DSMD and the baseline at each budget, for the plot."""
+    rows = [(f"{name}, {row['steps']} steps", row) for name, row in
+            (("DSMD", result.get("distilled")), ("baseline", result.get("baseline")),
+             ("DSMD", result.get("converged", {}).get("distilled")),
+             ("baseline", result.get("converged", {}).get("baseline"))) if row]
+    return {label: row["val_curve"] for label, row in rows if row.get("val_curve")}
+
+
+SEARCHED = ("dsmd", "baseline")  # the arms that get the whole search; the ablations train at dsmd's setting
 SELECT_ON = "mean val_rsum over seeds"
-LEGACY_SELECT_ON = "val_rsum (seed 0)"  # the first protocol: the grid on seed 0, the other seeds at its best rate
-MERGE_KEYS = ("teacher", "lrs", "seeds", "steps", "batch_size", "images")
+ABLATION_SELECT_ON = "dsmd's setting"
+EXPERIMENT = "raydistill-quality-benchmark"
+MERGE_KEYS = ("teacher", "lrs", "beta2s", "warmups", "seeds", "finalists", "steps", "long_steps", "batch_size",
+              "images")
+
+
+def _track(tracker_cls: Any, uri: str, record: dict[str, Any]) -> str | None:
+    """Log one trained run to MLflow: its settings, validation curve and test recall; returns its run id."""
+    from raydistill.paths import raydistill_home
+
+    name = f"{record['arm']}-lr{record['lr']:g}-b{record['beta2']:g}-w{record['warmup']:g}-s{record['seed']}"
+    tags = {"benchmark": "quality", "arm": record["arm"], "steps": record["steps"], "seed": record["seed"]}
+    with tracker_cls(uri, EXPERIMENT, run_name=f"{name}-{record['steps']}", tags=tags,
+                     local_dir=raydistill_home() / "benchmarks" / "tracking") as tracker:
+        tracker.log_params({k: record[k] for k in ("arm", "lr", "beta2", "warmup", "seed", "steps")})
+        for step, rsum in record["curve"]:
+            tracker.log_metrics({"val_rsum": rsum}, step=int(step))
+        tracker.log_metrics({f"test_{k}": v for k, v in record["test"].items()}, step=record["steps"])
+        return tracker.run_id
 
 
 def _previous(args: argparse.Namespace) -> dict[str, Any] | None:

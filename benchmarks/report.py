@@ -22,20 +22,28 @@ def _machine(r: dict[str, Any]) -> str:
 
 
 def quality_table(r: dict[str, Any]) -> str:
-    """The quality result's table: the teacher, then each arm at its chosen rate, its test mean and spread."""
+    """The quality result's table: the teacher, then each arm at its setting, its test mean and spread; then,
+    when measured, the converged budget's rows."""
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-    rows = [["teacher", None, None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
-    rows += [[a["arm"], f"{a['lr']:g}", _chosen_on(a), *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}",
-              a["params"]] for a in r["ablation"]]
-    return table(["model", "lr", "lr chosen on", "I2T@1", "I2T@5", "I2T@10", "T2I@1", "T2I@5", "T2I@10", "RSUM",
-                  "± sd", "params"], rows)
+    rows = [["teacher", None, None, None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
+    arms = [(a["arm"], a) for a in r["ablation"]]
+    arms += [(f"{name} (converged)", r["converged"][name]) for name in ("distilled", "baseline")
+             if name in r.get("converged", {})]
+    rows += [[name, a["steps"], _setting(a), _chosen_on(a), *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}",
+              a["params"]] for name, a in arms]
+    return table(["model", "steps", "lr / beta2 / warm-up", "chosen on", "I2T@1", "I2T@5", "I2T@10", "T2I@1",
+                  "T2I@5", "T2I@10", "RSUM", "± sd", "params"], rows)
+
+
+def _setting(arm: dict[str, Any]) -> str:
+    return f"{arm['lr']:g} / {arm['beta2']:g} / {arm['warmup']:g}"
 
 
 def _chosen_on(arm: dict[str, Any]) -> str:
-    """How an arm's rate was chosen: on the mean validation RSUM over its seeds, or (first protocol) on seed 0."""
-    if arm.get("select_on", "").startswith("mean"):
+    """How an arm's setting was chosen."""
+    if arm["select_on"].startswith("mean"):
         return f"val, mean of {len(arm['rsum_per_seed'])} seeds"
-    return "val, seed 0"
+    return arm["select_on"]
 
 
 def _teacher(r: dict[str, Any]) -> list[str]:
@@ -117,12 +125,19 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
     r = _load("quality" + suffix, folder)
     if r:
         c = r["config"]
-        out += [f"**Quality** ({c['student']} student, {c['steps']} steps of {c['batch_size']}, learning rate per arm "
-                f"from {c['lrs']} on validation RSUM, test-split mean of {c['seeds']} seeds):", "",
-                quality_table(r), ""]
+        grid = len(c["lrs"]) * len(c["beta2s"]) * len(c["warmups"])
+        out += [f"**Quality** ({c['student']} student, batch {c['batch_size']}; DSMD and the baseline each searched "
+                f"over the same {grid} settings (learning rate {c['lrs']}, beta2 {c['beta2s']}, warm-up "
+                f"{c['warmups']}) at {c['steps']} steps, the {c['finalists']} best on seed 0 with {c['seeds']} seeds, "
+                f"chosen on mean validation RSUM; test-split mean and spread over the {c['seeds']} seeds; ablations "
+                f"at DSMD's setting):", "", quality_table(r), ""]
         if "gain_rsum" in r:
-            out.append(f"DSMD − baseline: **{r['gain_rsum']:+.1f} RSUM**; the distilled student reaches "
-                       f"{100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
+            out.append(f"DSMD − baseline at {c['steps']} steps: **{r['gain_rsum']:+.1f} RSUM**; the distilled "
+                       f"student reaches {100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
+            out.append("")
+        if "gain_rsum" in r.get("converged", {}):
+            out.append(f"DSMD − baseline at {r['converged']['steps']} steps: "
+                       f"**{r['converged']['gain_rsum']:+.1f} RSUM**.")
             out.append("")
     return "\n".join(out)
 

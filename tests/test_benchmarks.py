@@ -159,57 +159,117 @@ def test_pipeline_figures_from_the_four_measurements(tmp_path: Path) -> None:
     assert "| 1.333 | 1.000 |" in report.render(tmp_path)
 
 
-def test_quality(tmp_path: Path) -> None:
-    out = quality.main(["--teacher", "tiny", "--arms", "dsmd", "baseline", "no_cosine", "--lrs", "1e-3", "3e-3",
-                        "--seeds", "2", "--steps", "4", "--batch-size", "16", "--images", "120",
-                        "--threads", "1", "--out", str(tmp_path)])
+def test_quality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path / "home"))
+    tiny = ["--teacher", "tiny", "--lrs", "1e-3", "3e-3", "--beta2s", "0.98", "0.999", "--warmups", "0.1",
+            "--seeds", "2", "--finalists", "2", "--steps", "4", "--long-steps", "6", "--curve-every", "2",
+            "--batch-size", "16", "--images", "120", "--threads", "1", "--out", str(tmp_path),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    out = quality.main(["--arms", "dsmd", "baseline", "no_cosine", *tiny])
     data = _written(tmp_path, "quality", out)
     assert [row["arm"] for row in data["ablation"]] == ["dsmd", "baseline", "no_cosine"]
-    # Each arm: every rate with every seed; the chosen rate has the best mean val RSUM over the seeds.
-    for row in data["ablation"]:
-        runs = [r for r in data["runs"] if r["arm"] == row["arm"]]
-        assert [(r["lr"], r["seed"]) for r in runs] == [(1e-3, 0), (3e-3, 0), (1e-3, 1), (3e-3, 1)]
-        for lr in (1e-3, 3e-3):
-            assert math.isclose(row["val_rsum_by_lr"][f"{lr:g}"], sum(r["val_rsum"] for r in runs if r["lr"] == lr) / 2)
-        assert row["val_rsum_by_lr"][f"{row['lr']:g}"] == max(row["val_rsum_by_lr"].values())
-        assert row["select_on"] == quality.SELECT_ON
-        chosen = [r for r in runs if r["lr"] == row["lr"]]
+    grid = [(lr, b2) for lr in (1e-3, 3e-3) for b2 in (0.98, 0.999)]
+    for row in data["ablation"][:2]:
+        runs = [r for r in data["runs"] if r["arm"] == row["arm"] and r["steps"] == 4]
+        # Every setting with seed 0, then the two best of those with seed 1; each run once.
+        assert [(r["lr"], r["beta2"], r["seed"]) for r in runs[:4]] == [(lr, b2, 0) for lr, b2 in grid]
+        first = {(r["lr"], r["beta2"]): r["val_rsum"] for r in runs[:4]}
+        finalists = sorted(grid, key=lambda s: (first[s], s), reverse=True)[:2]
+        assert sorted((r["lr"], r["beta2"]) for r in runs[4:]) == sorted(finalists)
+        assert all(r["seed"] == 1 for r in runs[4:]) and len(runs) == 6
+        mean = {s: (first[s] + next(r["val_rsum"] for r in runs[4:] if (r["lr"], r["beta2"]) == s)) / 2
+                for s in finalists}
+        assert (row["lr"], row["beta2"], row["warmup"], row["steps"]) == (*max(mean, key=lambda s: (mean[s], s)),
+                                                                          0.1, 4)
+        labels = {f"lr {lr:g}, beta2 {b2:g}, warm-up 0.1": s for s, (lr, b2) in zip(grid, grid)}
+        for label, values in row["val_rsum_by_setting"].items():
+            assert values["seed_0"] == first[labels[label]]
+            assert values["mean"] == (pytest.approx(mean[labels[label]]) if labels[label] in mean else None)
+        chosen = [r for r in runs if (r["lr"], r["beta2"]) == (row["lr"], row["beta2"])]
         assert row["rsum_per_seed"] == [r["test"]["rsum"] for r in chosen]
         assert math.isclose(row["rsum"], sum(row["rsum_per_seed"]) / 2)
-        assert 0 <= row["rsum"] <= 600
+        # The curve: validation RSUM every 2 steps, the last point the run's val_rsum; the row's is the mean.
+        assert [[s for s, _ in r["curve"]] for r in chosen] == [[2, 4], [2, 4]]
+        assert all(r["curve"][-1][1] == r["val_rsum"] for r in chosen)
+        assert row["val_curve"] == [[2, pytest.approx((chosen[0]["curve"][0][1] + chosen[1]["curve"][0][1]) / 2)],
+                                    [4, pytest.approx((chosen[0]["curve"][1][1] + chosen[1]["curve"][1][1]) / 2)]]
+        assert row["select_on"] == quality.SELECT_ON and 0 <= row["rsum"] <= 600
+    # The converged budget: both arms at their own setting, every seed, 6 steps.
+    for name, arm in (("distilled", "dsmd"), ("baseline", "baseline")):
+        row, short = data["converged"][name], data["ablation"][0 if arm == "dsmd" else 1]
+        long_runs = [r for r in data["runs"] if r["arm"] == arm and r["steps"] == 6]
+        assert [(r["lr"], r["beta2"], r["seed"]) for r in long_runs] == [(short["lr"], short["beta2"], s) for s in (0, 1)]
+        assert row["rsum_per_seed"] == [r["test"]["rsum"] for r in long_runs] and row["steps"] == 6
+        assert [s for s, _ in row["val_curve"]] == [2, 4, 6]
+    assert math.isclose(data["converged"]["gain_rsum"],
+                        data["converged"]["distilled"]["rsum"] - data["converged"]["baseline"]["rsum"])
+    # The ablation arm trains at DSMD's setting.
+    ablation = data["ablation"][2]
+    assert (ablation["lr"], ablation["beta2"]) == (data["ablation"][0]["lr"], data["ablation"][0]["beta2"])
+    assert ablation["select_on"] == quality.ABLATION_SELECT_ON and len(ablation["rsum_per_seed"]) == 2
     assert math.isclose(data["gain_rsum"], data["distilled"]["rsum"] - data["baseline"]["rsum"])
     assert 0 <= data["teacher"]["rsum"] <= 600 and data["teacher"]["params"] > 0
     assert ray.is_initialized()  # it left the module's instance running
 
-    # --merge keeps the other arms and reuses the measured arm's runs from the file; an arm measured by the first
-    # protocol (rate chosen on seed 0) keeps saying so.
-    path = tmp_path / "quality.json"
-    edited = json.loads(path.read_text())
-    del edited["ablation"][1]["select_on"]
-    path.write_text(json.dumps(edited))
-    tiny = ["--teacher", "tiny", "--lrs", "1e-3", "3e-3", "--seeds", "2", "--steps", "4", "--batch-size", "16",
-            "--images", "120", "--threads", "1", "--out", str(tmp_path), "--merge"]
-    merged = quality.main(["--arms", "no_cosine", *tiny])
-    assert _written(tmp_path, "quality", merged)["config"]["arms"] == ["dsmd", "baseline", "no_cosine"]
-    assert merged["ablation"][0] == data["ablation"][0] and merged["ablation"][2] == data["ablation"][2]
-    assert merged["ablation"][1] == data["ablation"][1] | {"select_on": quality.LEGACY_SELECT_ON}
-    assert merged["runs"] == data["runs"]
+    # MLflow holds every trained run with its settings and validation curve.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(quality.EXPERIMENT)
+    tracked = client.search_runs([experiment.experiment_id], max_results=100)
+    assert len(tracked) == len(data["runs"]) == 6 + 6 + 2 + 2 + 2
+    one = next(r for r in data["runs"] if r["arm"] == "dsmd" and r["steps"] == 6 and r["seed"] == 1)
+    history = client.get_metric_history(one["mlflow_run_id"], "val_rsum")
+    assert [(m.step, m.value) for m in history] == [(s, pytest.approx(v)) for s, v in one["curve"]]
+    assert client.get_run(one["mlflow_run_id"]).data.params["beta2"] == str(one["beta2"])
+    assert (tmp_path / "quality.png").stat().st_size > 0  # the curves' plot
+
+    # A second call reuses the journal's runs (nothing trains) and gives the same result; --merge keeps the
+    # file's other arms.
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a run the journal holds")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(quality, "train_arm", no_training)
+        merged = quality.main(["--arms", "dsmd", "no_cosine", "--merge", *tiny])
+    assert [row["arm"] for row in merged["ablation"]] == ["dsmd", "baseline", "no_cosine"]
+    assert merged["ablation"] == data["ablation"]
     # --rerun trains them again: the same recall, run for run (training is deterministic for its settings).
-    rerun = quality.main(["--arms", "no_cosine", "--rerun", *tiny])
-    again = [r for r in rerun["runs"] if r["arm"] == "no_cosine"]
-    assert [(r["lr"], r["seed"], r["val_rsum"], r["test"]["rsum"]) for r in again] == [
-        (r["lr"], r["seed"], r["val_rsum"], r["test"]["rsum"]) for r in data["runs"] if r["arm"] == "no_cosine"]
-    # The README's table (benchmarks.report): RSUM and its spread over seeds, one decimal each.
+    rerun = quality.main(["--arms", "no_cosine", "dsmd", "--rerun", "--long-steps", "0",
+                          *[a for a in tiny if a not in ("--long-steps", "6")]])
+    assert [(r["arm"], r["lr"], r["seed"], r["val_rsum"], r["test"]["rsum"]) for r in rerun["runs"]] == [
+        (r["arm"], r["lr"], r["seed"], r["val_rsum"], r["test"]["rsum"]) for r in data["runs"]
+        if r["arm"] in ("dsmd", "no_cosine") and r["steps"] == 4]
+    # The README's table (benchmarks.report): RSUM and its spread over seeds, one decimal each, with the budget.
     from benchmarks import report
 
     md = report.render(tmp_path)
     for row in rerun["ablation"]:
         line = next(x for x in md.splitlines() if x.startswith(f"| {row['arm']} |"))
         assert f"| {row['rsum']:.1f} | {row['rsum_std']:.1f} | {row['params']:,} |" in line
-        assert ("| val, seed 0 |" if row["arm"] == "baseline" else "| val, mean of 2 seeds |") in line
+        assert line.startswith(f"| {row['arm']} | 4 | {row['lr']:g} / {row['beta2']:g} / 0.1 |")
     with pytest.raises(SystemExit, match="steps: file 4, now 5"):
-        quality.main(["--teacher", "tiny", "--arms", "no_cosine", "--lrs", "1e-3", "3e-3", "--seeds", "2",
-                      "--steps", "5", "--batch-size", "16", "--images", "120", "--out", str(tmp_path), "--merge"])
+        quality.main(["--arms", "no_cosine", "--merge", *[a if a != "4" else "5" for a in tiny]])
+
+
+def test_quality_journal_ignores_a_line_cut_off_mid_write_and_other_data(tmp_path: Path) -> None:
+    identity = {"teacher": "demo", "teacher_rsum": 400.0, "images": 1500, "batch_size": 128, "student": "demo",
+                "threads": 2}
+    path = tmp_path / "runs.jsonl"
+    journal = quality.Journal(path, identity)
+    setting = quality.Setting(1e-3, 0.98, 0.05)
+    journal.add({"arm": "dsmd", "lr": 1e-3, "beta2": 0.98, "warmup": 0.05, "seed": 0, "steps": 300, "val_rsum": 1.0})
+    other = quality.Journal(path, identity | {"teacher_rsum": 401.0})
+    other.add({"arm": "dsmd", "lr": 1e-3, "beta2": 0.98, "warmup": 0.05, "seed": 0, "steps": 300, "val_rsum": 2.0})
+    with path.open("a") as f:
+        f.write('{"arm": "dsmd", "lr": 0.0')  # stopped mid-write
+    again = quality.Journal(path, identity)
+    assert again.get("dsmd", setting, 0, 300)["val_rsum"] == 1.0  # not the other data's run
+    assert again.get("dsmd", setting, 1, 300) is None
+    assert quality.Journal(path, identity, reuse=False).get("dsmd", setting, 0, 300) is None
+    path.write_text('not json\n{"arm": "dsmd"}\n')
+    with pytest.raises(SystemExit, match="line 1: not a JSON run record"):
+        quality.Journal(path, identity)
 
 
 def test_scaling_efficiency_is_relative_to_the_smallest_worker_count() -> None:

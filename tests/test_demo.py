@@ -95,3 +95,21 @@ def test_the_shipped_teacher_is_ignored_when_the_synthetic_data_changes(monkeypa
     (current / "config.json").parent.mkdir(parents=True)
     (current / "config.json").write_text("{}")
     assert demo_assets.find_demo_teacher() is None
+
+
+def test_the_demo_trains_each_arm_at_the_setting_the_quality_benchmark_chose() -> None:
+    """The committed quality result picked each arm's setting (with the shipped teacher): the demo and
+    configs/demo.yaml use those, so the demo's comparison is the benchmark's, at one seed."""
+    from raydistill import demo
+    from raydistill.config import load_config
+    from raydistill.demo_assets import SHIPPED_TEACHER, config_path
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality.json").read_text())
+    for setting, row in ((demo.DISTILLED_SETTING, result["distilled"]), (demo.BASELINE_SETTING, result["baseline"])):
+        assert setting == {"lr": row["lr"], "adam_beta2": row["beta2"], "warmup_fraction": row["warmup"]}
+    train = load_config(config_path("demo.yaml")).train
+    assert {"lr": train.lr, "adam_beta2": train.adam_beta2, "warmup_fraction": train.warmup_fraction} == \
+        demo.DISTILLED_SETTING
+    assert train.steps == result["config"]["steps"]
+    shipped = json.loads((SHIPPED_TEACHER / "SOURCE.json").read_text())["test_metrics"]["rsum"]
+    assert abs(result["teacher"]["rsum"] - shipped) < 0.01  # measured with the shipped teacher
