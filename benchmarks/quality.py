@@ -133,9 +133,12 @@ def evaluate(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_len: in
 
 
 def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps: int,
-              validate: Callable[[Any], float] | None = None, every: int = 0) -> tuple[Any, list[list[float]]]:
-    """Train one student with the workers' training step; returns the model and its validation curve, the
-    ``[step, RSUM]`` of ``validate(model)`` every ``every`` steps and at the end (empty without ``validate``)."""
+              validate: Callable[[Any], float] | None = None,
+              every: int = 0) -> tuple[Any, list[list[float]], dict[str, Any] | None]:
+    """Train one student with the workers' training step; returns the model, its validation curve (the
+    ``[step, RSUM]`` of ``validate(model)`` every ``every`` steps and at the end; empty without ``validate``)
+    and the weights at the curve's first best point (what a run exports), ``None`` without ``validate``."""
+    import copy
     import random
 
     import torch
@@ -152,6 +155,7 @@ def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps
     n, batch = len(rows["input_ids"]), cfg.train.batch_size
     rng = np.random.default_rng(seed)
     curve: list[list[float]] = []
+    best: dict[str, Any] | None = None
     while trainer.step < steps:
         order = torch.as_tensor(rng.permutation(n))
         for start in range(0, n - batch + 1, batch):
@@ -160,10 +164,12 @@ def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps
             # Validation draws no random numbers, and the next step puts the model back in training mode.
             if validate is not None and ((every and trainer.step % every == 0) or trainer.step == steps):
                 curve.append([trainer.step, validate(trainer.raw_model)])
+                if best is None or curve[-1][1] > max(value for _, value in curve[:-1]):
+                    best = copy.deepcopy(trainer.raw_model.state_dict())
             if trainer.step >= steps:
                 break
         trainer.epoch += 1
-    return trainer.raw_model, curve
+    return trainer.raw_model, curve, best
 
 
 class Journal:
@@ -202,8 +208,11 @@ class Journal:
     def key(record: dict[str, Any]) -> tuple:
         return record["arm"], Setting(record["lr"], record["beta2"], record["warmup"]), record["seed"], record["steps"]
 
-    def get(self, arm: str, setting: Setting, seed: int, steps: int) -> dict[str, Any] | None:
-        return self._runs.get((arm, setting, seed, steps))
+    def get(self, arm: str, setting: Setting, seed: int, steps: int,
+            needs: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The run's record, unless it lacks one of the fields ``needs`` (measured before they were)."""
+        record = self._runs.get((arm, setting, seed, steps))
+        return record if record is not None and all(k in record for k in needs) else None
 
     def add(self, record: dict[str, Any]) -> None:
         import json
@@ -217,9 +226,15 @@ class Journal:
         self._runs[self.key(record)] = record
 
 
+def best_step(curve: list[list[float]]) -> int:
+    """The step of a validation curve's first best point."""
+    return int(max(curve, key=lambda point: (point[1], -point[0]))[0])
+
+
 def summarize(runs: list[dict[str, Any]], select_on: str) -> dict[str, Any]:
     """An arm's row: the test split's mean recalls and RSUM spread over the seeds of one setting and budget,
-    and the validation curve averaged over the seeds."""
+    the same at each run's best validation step (``at_best``, where every run measured it), and the validation
+    curve averaged over the seeds."""
     tests = [r["test"] for r in runs]
     row: dict[str, Any] = {k: statistics.fmean(t[k] for t in tests) for k in RECALLS}
     row.update({
@@ -231,6 +246,11 @@ def summarize(runs: list[dict[str, Any]], select_on: str) -> dict[str, Any]:
         "images_per_s": statistics.fmean(t["images_per_s"] for t in tests),
         "captions_per_s": statistics.fmean(t["captions_per_s"] for t in tests),
     })
+    if all("test_best" in r for r in runs):
+        best = [r["test_best"] for r in runs]
+        row["at_best"] = {k: statistics.fmean(t[k] for t in best) for k in RECALLS} | {
+            "rsum_std": statistics.stdev([t["rsum"] for t in best]) if len(best) > 1 else 0.0,
+            "rsum_per_seed": [t["rsum"] for t in best], "best_step_per_seed": [r["best_step"] for r in runs]}
     steps = [step for step, _ in runs[0]["curve"]]
     if steps and all([s for s, _ in r["curve"]] == steps for r in runs):
         row["val_curve"] = [[step, statistics.fmean(r["curve"][k][1] for r in runs)] for k, step in enumerate(steps)]
@@ -342,22 +362,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tracking_uri = args.tracking_uri or resolve_tracking_uri(None, raydistill_home() / "benchmarks")
     runs: list[dict[str, Any]] = []
 
-    def run(arm: str, setting: Setting, seed: int, steps: int) -> dict[str, Any]:
+    def run(arm: str, setting: Setting, seed: int, steps: int, needs: tuple[str, ...] = ()) -> dict[str, Any]:
         name = f"{arm} {setting.label()}, seed {seed}, {steps} steps"
-        record = journal.get(arm, setting, seed, steps)
+        record = journal.get(arm, setting, seed, steps, needs)
         if record is not None:
             log(f"{name}: reused from {journal.path.name}")
         else:
             start = time.perf_counter()
             cfg_run = arm_config(base, arm, setting, seed, dim, steps)
-            model, curve = train_arm(cfg_run, rows, dim, len(tokenizer), steps,
-                                     lambda m: evaluate(m, val, tokenizer, max_len, cfg)["rsum"], args.curve_every)
+            model, curve, best = train_arm(cfg_run, rows, dim, len(tokenizer), steps,
+                                           lambda m: evaluate(m, val, tokenizer, max_len, cfg)["rsum"],
+                                           args.curve_every)
             record = {"arm": arm, **setting.fields(), "seed": seed, "steps": steps, "val_rsum": curve[-1][1],
                       "curve": curve, "test": evaluate(model, test, tokenizer, max_len, cfg),
-                      "params": int(model.num_parameters()), "seconds": time.perf_counter() - start}
+                      "params": int(model.num_parameters())}
+            # The test split at the best validation point too: what `raydistill run` exports with a validation
+            # split, and where a budget past an arm's best (one that overfits) would understate it.
+            record["best_step"] = best_step(curve)
+            if record["best_step"] == steps:
+                record["test_best"] = record["test"]
+            else:
+                model.load_state_dict(best)
+                record["test_best"] = evaluate(model, test, tokenizer, max_len, cfg)
+            record["seconds"] = time.perf_counter() - start
             record["mlflow_run_id"] = _track(Tracker, tracking_uri, record)
             journal.add(record)
-            log(f"{name}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f} "
+            log(f"{name}: val RSUM {record['val_rsum']:.1f}, test RSUM {record['test']['rsum']:.1f}; at the best "
+                f"validation step ({record['best_step']}) {record['test_best']['rsum']:.1f} "
                 f"({record['seconds']:.0f} s)")
         runs.append({k: v for k, v in record.items() if k != "identity"})
         return runs[-1]
@@ -381,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures["converged"] = {"steps": args.long_steps, **converged}
             if len(converged) == 2:
                 figures["converged"]["gain_rsum"] = converged["distilled"]["rsum"] - converged["baseline"]["rsum"]
+                figures["converged"]["gain_rsum_at_best"] = (converged["distilled"]["at_best"]["rsum"]
+                                                             - converged["baseline"]["at_best"]["rsum"])
         figures["ablation"] = [{"arm": name, **values} for name, values in arms.items()]
         figures["runs"] = all_runs
         config = {k: v for k, v in vars(args).items()
@@ -401,8 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.long_steps:
         for arm, name in (("dsmd", "distilled"), ("baseline", "baseline")):
             if arm in chosen:
-                converged[name] = summarize([run(arm, chosen[arm], seed, args.long_steps) for seed in range(args.seeds)],
-                                            f"the arm's setting at {args.steps} steps")
+                long_runs = [run(arm, chosen[arm], seed, args.long_steps, needs=("test_best",))
+                             for seed in range(args.seeds)]
+                converged[name] = summarize(long_runs, f"the arm's setting at {args.steps} steps")
                 common.write_result(result(measured, converged), args.out, args.tag)
     ablations = [a for a in args.arms if a not in SEARCHED]
     if ablations:
@@ -421,7 +455,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "gain_rsum" in out:
         print(f"DSMD - baseline: {out['gain_rsum']:+.1f} RSUM at {args.steps} steps (mean over {args.seeds} seeds)")
     if "gain_rsum" in out.get("converged", {}):
-        print(f"DSMD - baseline: {out['converged']['gain_rsum']:+.1f} RSUM at {args.long_steps} steps")
+        print(f"DSMD - baseline: {out['converged']['gain_rsum']:+.1f} RSUM at {args.long_steps} steps, "
+              f"{out['converged']['gain_rsum_at_best']:+.1f} at each run's best validation step")
     common.write_result(out, args.out, args.tag)
     curves = quality_curves(out)
     if curves:
@@ -460,6 +495,7 @@ def _track(tracker_cls: Any, uri: str, record: dict[str, Any]) -> str | None:
         for step, rsum in record["curve"]:
             tracker.log_metrics({"val_rsum": rsum}, step=int(step))
         tracker.log_metrics({f"test_{k}": v for k, v in record["test"].items()}, step=record["steps"])
+        tracker.log_metrics({"test_best_rsum": record["test_best"]["rsum"]}, step=record["best_step"])
         return tracker.run_id
 
 

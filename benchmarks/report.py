@@ -27,8 +27,13 @@ def quality_table(r: dict[str, Any]) -> str:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     rows = [["teacher", None, None, None, *(round(r["teacher"][k], 1) for k in keys), None, r["teacher"]["params"]]]
     arms = [(a["arm"], a) for a in r["ablation"]]
-    arms += [(f"{name} (converged)", r["converged"][name]) for name in ("distilled", "baseline")
-             if name in r.get("converged", {})]
+    for name in ("distilled", "baseline"):
+        if name in r.get("converged", {}):
+            row = r["converged"][name]
+            arms.append((f"{name} (converged)", row))
+            if "at_best" in row:  # the same runs, tested at their best validation step (what a run exports)
+                arms.append((f"{name} (converged, best val step)", row | row["at_best"] | {
+                    "steps": " / ".join(str(s) for s in row["at_best"]["best_step_per_seed"])}))
     rows += [[name, a["steps"], _setting(a), _chosen_on(a), *(round(a[k], 1) for k in keys), f"{a['rsum_std']:.1f}",
               a["params"]] for name, a in arms]
     return table(["model", "steps", "lr / beta2 / warm-up", "chosen on", "I2T@1", "I2T@5", "I2T@10", "T2I@1",
@@ -136,8 +141,11 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
                        f"student reaches {100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
             out.append("")
         if "gain_rsum" in r.get("converged", {}):
-            out.append(f"DSMD − baseline at {r['converged']['steps']} steps: "
-                       f"**{r['converged']['gain_rsum']:+.1f} RSUM**.")
+            line = f"DSMD − baseline at {r['converged']['steps']} steps: **{r['converged']['gain_rsum']:+.1f} RSUM**"
+            if "gain_rsum_at_best" in r["converged"]:
+                line += (f"; each run tested at its best validation step (the checkpoint `raydistill run` exports): "
+                         f"**{r['converged']['gain_rsum_at_best']:+.1f} RSUM**")
+            out.append(line + ".")
             out.append("")
     return "\n".join(out)
 

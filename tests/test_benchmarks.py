@@ -165,8 +165,33 @@ def test_quality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "--seeds", "2", "--finalists", "2", "--steps", "4", "--long-steps", "6", "--curve-every", "2",
             "--batch-size", "16", "--images", "120", "--threads", "1", "--out", str(tmp_path),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    import torch
+
+    # Spy on training: the weights it returns as the best must be the model's at the curve's first best point.
+    real_train_arm, trained = quality.train_arm, []
+
+    def spy(cfg, rows, dim, vocab, steps, validate, every):
+        snapshots = []
+
+        def snapshot_then_validate(model):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+            return validate(model)
+
+        model, curve, best = real_train_arm(cfg, rows, dim, vocab, steps, snapshot_then_validate, every)
+        trained.append((curve, best, snapshots))
+        return model, curve, best
+
+    monkeypatch.setattr(quality, "train_arm", spy)
     out = quality.main(["--arms", "dsmd", "baseline", "no_cosine", *tiny])
+    monkeypatch.setattr(quality, "train_arm", real_train_arm)
     data = _written(tmp_path, "quality", out)
+    assert len(trained) == len(data["runs"])
+    for (curve, best, snapshots), record in zip(trained, data["runs"]):
+        first_best = next(i for i, (_, v) in enumerate(curve) if v == max(v for _, v in curve))
+        assert record["best_step"] == curve[first_best][0] and record["curve"] == curve
+        assert all(torch.equal(best[k], snapshots[first_best][k]) for k in best)
+        if record["best_step"] == record["steps"]:
+            assert record["test_best"] == record["test"]
     assert [row["arm"] for row in data["ablation"]] == ["dsmd", "baseline", "no_cosine"]
     grid = [(lr, b2) for lr in (1e-3, 3e-3) for b2 in (0.98, 0.999)]
     for row in data["ablation"][:2]:
@@ -201,8 +226,20 @@ def test_quality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert [(r["lr"], r["beta2"], r["seed"]) for r in long_runs] == [(short["lr"], short["beta2"], s) for s in (0, 1)]
         assert row["rsum_per_seed"] == [r["test"]["rsum"] for r in long_runs] and row["steps"] == 6
         assert [s for s, _ in row["val_curve"]] == [2, 4, 6]
+        # ... and each run tested at its best validation step too.
+        assert row["at_best"]["rsum_per_seed"] == [r["test_best"]["rsum"] for r in long_runs]
+        assert row["at_best"]["best_step_per_seed"] == [r["best_step"] for r in long_runs]
+        assert math.isclose(row["at_best"]["t2i_r1"], sum(r["test_best"]["t2i_r1"] for r in long_runs) / 2)
     assert math.isclose(data["converged"]["gain_rsum"],
                         data["converged"]["distilled"]["rsum"] - data["converged"]["baseline"]["rsum"])
+    assert math.isclose(data["converged"]["gain_rsum_at_best"], data["converged"]["distilled"]["at_best"]["rsum"]
+                        - data["converged"]["baseline"]["at_best"]["rsum"])
+    from benchmarks import report
+
+    at_best = data["converged"]["baseline"]["at_best"]
+    line = next(x for x in report.render(tmp_path).splitlines() if x.startswith("| baseline (converged, best val"))
+    assert f"| {' / '.join(map(str, at_best['best_step_per_seed']))} |" in line
+    assert f"| {at_best['rsum']:.1f} | {at_best['rsum_std']:.1f} |" in line
     # The ablation arm trains at DSMD's setting.
     ablation = data["ablation"][2]
     assert (ablation["lr"], ablation["beta2"]) == (data["ablation"][0]["lr"], data["ablation"][0]["beta2"])
@@ -241,8 +278,6 @@ def test_quality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (r["arm"], r["lr"], r["seed"], r["val_rsum"], r["test"]["rsum"]) for r in data["runs"]
         if r["arm"] in ("dsmd", "no_cosine") and r["steps"] == 4]
     # The README's table (benchmarks.report): RSUM and its spread over seeds, one decimal each, with the budget.
-    from benchmarks import report
-
     md = report.render(tmp_path)
     for row in rerun["ablation"]:
         line = next(x for x in md.splitlines() if x.startswith(f"| {row['arm']} |"))
@@ -266,6 +301,8 @@ def test_quality_journal_ignores_a_line_cut_off_mid_write_and_other_data(tmp_pat
     again = quality.Journal(path, identity)
     assert again.get("dsmd", setting, 0, 300)["val_rsum"] == 1.0  # not the other data's run
     assert again.get("dsmd", setting, 1, 300) is None
+    # A run recorded before a field was measured is not reused where that field is needed.
+    assert again.get("dsmd", setting, 0, 300, needs=("test_best",)) is None
     assert quality.Journal(path, identity, reuse=False).get("dsmd", setting, 0, 300) is None
     path.write_text('not json\n{"arm": "dsmd"}\n')
     with pytest.raises(SystemExit, match="line 1: not a JSON run record"):
