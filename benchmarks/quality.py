@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if curves:
         from raydistill.plots import plot_rsum_curves
 
-        log(f"wrote {plot_rsum_curves(curves, common.result_path('quality', args.out, args.tag).with_suffix('.png'))}")
+        path = common.result_path("quality", args.out, args.tag).with_suffix(".png")
+        log(f"wrote {plot_rsum_curves(curves, path, f'Validation RSUM, mean over {args.seeds} seeds')}")
     return out
 
 

@@ -146,13 +146,15 @@ def plot_balancer_weights(history: Sequence[Mapping[str, float]], out_path: str 
 
 
 def plot_rsum_curves(
-    curves: Mapping[str, Sequence[tuple[float, float]]], out_path: str | os.PathLike[str]
+    curves: Mapping[str, Sequence[tuple[float, float]]], out_path: str | os.PathLike[str],
+    title: str = "Retrieval RSUM",
 ) -> Path:
     """RSUM (sum of the six retrieval recalls) against training step, one line per run or model.
 
     Args:
         curves: ``{"student": [(step, rsum), ...], "baseline": [...]}``.
         out_path: Image file to write.
+        title: The plot's title.
 
     Returns:
         The written path.
@@ -171,7 +173,7 @@ def plot_rsum_curves(
         ax.plot([s for s, _ in ordered], [r for _, r in ordered], marker="o", markersize=3, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("RSUM")
-    ax.set_title("Retrieval RSUM")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, out_path)
