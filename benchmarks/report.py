@@ -141,10 +141,11 @@ def render(folder: Path = RESULTS, tag: str | None = None) -> str:
                        f"student reaches {100 * r['distilled']['of_teacher']:.1f} % of its teacher's RSUM.")
             out.append("")
         if "gain_rsum" in r.get("converged", {}):
-            line = f"DSMD − baseline at {r['converged']['steps']} steps: **{r['converged']['gain_rsum']:+.1f} RSUM**"
-            if "gain_rsum_at_best" in r["converged"]:
+            long = r["converged"]
+            line = f"DSMD − baseline at {long['steps']:,} steps: **{long['gain_rsum']:+.1f} RSUM**"
+            if "gain_rsum_at_best" in long:
                 line += (f"; each run tested at its best validation step (the checkpoint `raydistill run` exports): "
-                         f"**{r['converged']['gain_rsum_at_best']:+.1f} RSUM**")
+                         f"**{long['gain_rsum_at_best']:+.1f} RSUM**")
             out.append(line + ".")
             out.append("")
     return "\n".join(out)

@@ -301,7 +301,7 @@ def _print_table(s: dict[str, Any]) -> None:
     if s["seeds"] > 1:
         spread = (f" (RSUM range over {s['seeds']} seeds: distilled {d['rsum_min']:.1f}-{d['rsum_max']:.1f}, "
                   f"baseline {b['rsum_min']:.1f}-{b['rsum_max']:.1f})")
-    print(f"\ndistillation gain: {d['rsum'] - b['rsum']:+.1f} RSUM; distilled student reaches "
+    print(f"\ndistillation gain at {s['steps']:,} steps: {d['rsum'] - b['rsum']:+.1f} RSUM; distilled student reaches "
           f"{100 * d['rsum'] / t['rsum']:.0f}% of the teacher's RSUM{spread}", file=out)
     if s["seeds"] == 1:
         print("one seed per arm; `raydistill demo --seeds 2` states the spread", file=out)

@@ -38,6 +38,8 @@ def test_quick_demo_prints_the_comparison(tmp_path: Path) -> None:
     assert Path(summary["plot"]).is_file()
     # The table and the MLflow hint reach the user.
     assert "distilled student" in proc.stderr and "mlflow ui --backend-store-uri" in proc.stderr
+    gain = summary["distilled"]["rsum"] - summary["baseline"]["rsum"]
+    assert f"distillation gain at {QUICK_STEPS} steps: {gain:+.1f} RSUM" in proc.stderr  # the gain states its budget
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(summary["mlflow_tracking_uri"])
