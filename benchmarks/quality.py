@@ -164,7 +164,7 @@ def train_arm(cfg: Any, rows: dict[str, np.ndarray], dim: int, vocab: int, steps
             # Validation draws no random numbers, and the next step puts the model back in training mode.
             if validate is not None and ((every and trainer.step % every == 0) or trainer.step == steps):
                 curve.append([trainer.step, validate(trainer.raw_model)])
-                if best is None or curve[-1][1] > max(value for _, value in curve[:-1]):
+                if best_step(curve) == trainer.step:
                     best = copy.deepcopy(trainer.raw_model.state_dict())
             if trainer.step >= steps:
                 break
