@@ -135,7 +135,7 @@ def uninterrupted_reference(cfg: Any, run_dir: Path, cache_dir: Path, planned: i
         outputs: dict[int, dict[str, float]] = {}
         while trainer.step < planned:
             rows = _epoch_rows(cfg, cache_dir, tokenizer, trainer.epoch)
-            for batch in epoch_batches(rows, 0, 1, seed, trainer.epoch, BATCH, cfg.train.shuffle_buffer):
+            for batch in epoch_batches(rows, 0, seed, trainer.epoch, BATCH, cfg.train.shuffle_buffer):
                 out = trainer.train_step(batch)
                 outputs[trainer.step] = out
                 if trainer.step >= planned:

@@ -355,3 +355,34 @@ def test_decode_splits_a_large_block_across_tasks_in_order(monkeypatch):
     ids = [i for block in blocks for i in block.column("image_id").to_pylist()]
     assert ids == [f"img{k:03d}" for k in range(250)]
     assert all(tuple(block.column("pixels").type.shape) == (16, 16, 3) for block in blocks)
+
+
+def test_one_worker_reads_its_epoch_through_a_split_coordinator_in_order():
+    # A Train worker iterating its epoch's dataset would run Ray Data's streaming executor as a thread of its
+    # own process, beside training; through worker_shard the executor runs in Ray Data's split coordinator.
+    import threading
+    import time
+
+    from raydistill.pipeline.train_loop import epoch_batches, worker_shard
+
+    def rows(batch: dict) -> dict:
+        time.sleep(0.1)  # still reading when the first batches arrive
+        return {"pixels": batch["id"].reshape(-1, 1), "v": batch["id"] * 10}
+
+    def epoch() -> ray.data.Dataset:
+        return ray.data.range(400, override_num_blocks=16).map_batches(rows, batch_size=25)
+
+    def read(batches) -> tuple[list[int], set[str]]:
+        values, threads = [], set()
+        for batch in batches:
+            threads |= {t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")}
+            values.extend(int(v) for v in batch["v"])
+        return values, threads
+
+    values, threads = read(epoch().iter_batches(batch_size=64))
+    assert values == [10 * k for k in range(400)] and threads  # iterated here, the executor runs here
+
+    values, threads = read(epoch_batches(worker_shard(epoch(), rank=0, world=1), rank=0, seed=0, epoch=0,
+                                         batch_size=64, window=0))
+    assert values == [10 * k for k in range(384)]  # every full batch of 64, in the dataset's order
+    assert threads == set()

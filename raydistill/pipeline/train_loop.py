@@ -61,22 +61,31 @@ def _step_checkpoint(candidates: list[Path]) -> tuple[int, Path] | None:
     return best
 
 
-def epoch_batches(ds: Any, rank: int, world: int, seed: int, epoch: int, batch_size: int,
+def worker_shard(ds: Any, rank: int, world: int) -> Any:
+    """This rank's part of the epoch's dataset (``ds``: the epoch's dataset on rank 0, None on the others).
+
+    Rank 0 splits it with ``streaming_split`` and hands each rank its iterator, with one worker too: Ray Data's
+    streaming executor then runs in its split coordinator, an actor of its own, rather than in this process.
+    Iterated here directly, its scheduling loop ran as a thread beside training and held the interpreter lock
+    for up to half the time, more the larger the dataset (more read and decode tasks to schedule).
+    """
+    splits = ds.streaming_split(world, equal=True) if rank == 0 else None
+    if world == 1:
+        return splits[0]
+    import ray.train.collective
+
+    return ray.train.collective.broadcast_from_rank_zero(splits)[rank]
+
+
+def epoch_batches(source: Any, rank: int, seed: int, epoch: int, batch_size: int,
                   window: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of training batches for this rank, in an order that depends only on the data, seed and epoch.
+    """One epoch of training batches for this rank from ``source`` (its :func:`worker_shard`), in an order that
+    depends only on the data, seed and epoch.
 
     Caption rows are mixed within windows of ``window`` rows by a permutation seeded by (seed, epoch, rank,
     window number). Ray Data's own local shuffle buffer depends on where its blocks happen to end, which
     differs between a run and its resumption; a window of rows does not. The last incomplete batch is dropped.
-    With several workers, rank 0 splits the epoch's dataset (``streaming_split``) and hands each rank its part.
     """
-    import ray.train.collective
-
-    if world > 1:
-        splits = ds.streaming_split(world, equal=True) if rank == 0 else None
-        source = ray.train.collective.broadcast_from_rank_zero(splits)[rank]
-    else:
-        source = ds
     window = max(batch_size, -(-window // batch_size) * batch_size) if window else batch_size
     carry: dict[str, np.ndarray] | None = None
     for k, rows in enumerate(source.iter_batches(batch_size=window, batch_format="numpy")):
@@ -204,8 +213,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     while trainer.step < planned:
         epoch = trainer.epoch
-        ds = train_epoch_dataset(plan, epoch) if rank == 0 or world == 1 else None
-        batches = epoch_batches(ds, rank, world, train.seed, epoch, batch_size, train.shuffle_buffer)
+        ds = train_epoch_dataset(plan, epoch) if rank == 0 else None
+        batches = epoch_batches(worker_shard(ds, rank, world), rank, train.seed, epoch, batch_size,
+                                train.shuffle_buffer)
         seen_any = False
         # A resumed worker reads its epoch again from the start, in the same order: pass over the batches
         # trained on before the checkpoint, and the run goes on as if never interrupted.
