@@ -141,3 +141,35 @@ def test_a_first_pass_that_delivered_every_image_is_not_read_back(tmp_path: Path
     cache.write_part(_rows(["c"], split="val"), DIM)
     wrong = {"images": 3, "captions": 6, "id_hash": id_hash(["c", "c", "c"])}
     assert cache.finalize("val", 1, id_hash(["c"]), delivered=wrong)["images"] == 1
+
+
+def test_a_budgeted_read_of_a_split_is_many_tasks_of_about_a_block(tmp_path: Path, monkeypatch) -> None:
+    # Ray Data packs Parquet files into read tasks of up to 128 MiB of rows, and a task streams its blocks out
+    # whatever the pipeline's budget: under a budget each task reads about one block's worth of parts, so that
+    # the budget decides how far reading runs ahead of training.
+    import re
+
+    from raydistill.config import config_from_dict
+    from raydistill.pipeline.plans import configure_data_context
+
+    cache = _cache(tmp_path)
+    for k in range(24):  # 24 parts of 400 rows: a little over 1 MiB of rows in all
+        cache.write_part(_rows([f"p{k:02d}-{i:03d}" for i in range(400)]), DIM)
+    saved = ray.data.DataContext.get_current().copy()
+    monkeypatch.delenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", raising=False)
+
+    def read_tasks(budget_mb: int | None) -> tuple[int, int]:
+        ray.data.DataContext._set_current(saved.copy())
+        configure_data_context(config_from_dict({"ray": {"data_object_store_mb": budget_mb}}))
+        ds = cache.split_dataset("train").materialize()
+        tasks = re.search(r"ReadFilesParquetV2\S*: (\d+) tasks executed", ds.stats())
+        return int(tasks.group(1)), ds.count()
+
+    try:
+        unbudgeted = read_tasks(None)
+        # A budget of 1 MiB: blocks of at most 256 KiB, and read tasks of about one block each.
+        budgeted = read_tasks(1)
+    finally:
+        ray.data.DataContext._set_current(saved)
+    assert unbudgeted == (1, 9600)  # Ray Data's packing alone: one task reads every part
+    assert budgeted[1] == 9600 and budgeted[0] >= 4

@@ -23,6 +23,7 @@ exchange). Caption rows are then mixed within a window of ``train.shuffle_buffer
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,11 @@ def configure_data_context(cfg: Config) -> None:
         # Whatever the budget, every operator may hold a block: blocks of Ray Data's 128 MiB held a large
         # dataset's pipeline at several times a 256 MiB budget.
         ctx.target_max_block_size = max_block_bytes(limit, ctx.target_max_block_size)
+        # Ray Data packs a Parquet read's files into read tasks of up to 128 MiB of rows, and a task streams all
+        # its blocks out whatever the budget: two tasks read a million-image cache's whole epoch ahead of
+        # training. Read tasks of one block each leave the budget in charge. (Read where the plan is built,
+        # in this process; a value the user set wins.)
+        os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(ctx.target_max_block_size))
 
 
 #: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size, and each
