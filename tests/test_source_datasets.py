@@ -96,6 +96,25 @@ def test_manifest_jsonl_image_level_and_caption_level_rows(tmp_path: Path):
     assert _rows(moved, ["val"])[0]["path"] == f"s3://bucket/data/imgs/{jpegs[0].name}"
 
 
+def test_a_budgeted_manifest_groups_its_rows_through_local_disk_a_block_at_a_time(tmp_path: Path):
+    # Ray Data's in-memory hash shuffle buffers up to 1 GiB of input and keeps every shard in the object store
+    # until its reducers run: grouping a manifest's caption rows held the whole source there. Under the budget
+    # `raydistill run` sets, the shards go to local disk and the input is partitioned a block at a time.
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.use_disk_based_hash_shuffle and ctx.shuffle_input_batch_bytes == ctx.target_max_block_size
+    jpegs = val_jpegs(2)
+    # caption rows of the same images, spread over four files read by separate tasks
+    for k in range(4):
+        lines = [{"image": str(jpegs[i]), "caption": f"file {k} caption {i}"} for i in range(2)]
+        (tmp_path / f"part-{k}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    cfg = _cfg(tmp_path, source="manifest", path=str(tmp_path))
+    ds = source_dataset(cfg, ["train"]).materialize()
+    assert "DiskHashShuffleMap" in ds.stats()
+    rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
+    assert [(r["image_id"], sorted(r["captions"])) for r in rows] == [
+        (str(jpegs[i].with_suffix("")), [f"file {k} caption {i}" for k in range(4)]) for i in range(2)]
+
+
 def test_manifest_parquet_folder_with_bytes_and_paths(tmp_path: Path):
     jpegs = val_jpegs(3)
     folder = tmp_path / "manifest"

@@ -105,6 +105,13 @@ def configure_data_context(cfg: Config) -> None:
         # training. Read tasks of one block each leave the budget in charge. (Read where the plan is built,
         # in this process; a value the user set wins.)
         os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(ctx.target_max_block_size))
+        # A hash shuffle (a manifest's rows grouped by image, the cache's anti-join, the shards' duplicate-id
+        # check) is exempt from the budget: it buffers up to 1 GiB of input before partitioning it, and keeps
+        # every shard in the object store until its reducers run, which is the whole source at any size. Shards
+        # go to each node's local disk instead, partitioned a block at a time. (A value the user set wins.)
+        if "RAY_DATA_ENABLE_DISK_SHUFFLE" not in os.environ:
+            ctx.use_disk_based_hash_shuffle = True
+        ctx.shuffle_input_batch_bytes = min(ctx.shuffle_input_batch_bytes, ctx.target_max_block_size)
 
 
 #: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size, and each
