@@ -53,6 +53,9 @@ TEST_IMAGES = 1_000
 DISTINCT_FILES = 256
 RUN_STEPS = 150
 REPEATS = 3
+#: ``ray.data_object_store_mb`` of one more run per size (``budget`` in the result): the training peak follows the
+#: budget, not the dataset.
+BUDGET_MB = 64
 CPUS = 4
 
 
@@ -238,16 +241,27 @@ def embed_row(n: int, work: Path, names: list[str], teacher: Path, address: str,
     return row
 
 
-def run_once(n: int, work: Path, address: str) -> dict[str, Any]:
-    """One cache-mode ``raydistill run`` of ``RUN_STEPS`` steps from size ``n``'s cache."""
-    log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps)")
-    ran, seconds, sampler, training = run_command(["run", str(work / "scale.yaml"), "cache.mode=cache"], address)
+def run_once(n: int, work: Path, address: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One cache-mode ``raydistill run`` of ``RUN_STEPS`` steps from size ``n``'s cache (``overrides``: more
+    ``key=value`` settings)."""
+    log(f"{n:,} images: raydistill run (cache mode, {RUN_STEPS} steps{''.join(', ' + o for o in overrides)})")
+    ran, seconds, sampler, training = run_command(["run", str(work / "scale.yaml"), "cache.mode=cache", *overrides],
+                                                  address)
     run = {"driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
            "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
            "object_store_training_peak_mb": round(sampler.store_peak(since=training) / 2**20, 1),
            "seconds": round(seconds, 1), "samples_per_s": round(steady_samples_per_s(ran), 1)}
     log(json.dumps(run))
     return run
+
+
+def budget_of(config: Path) -> int | None:
+    """The object-store budget (MiB) the run's pipelines get from its config (``ray.data_object_store_mb: auto``
+    resolved)."""
+    from raydistill.config import load_config
+    from raydistill.pipeline.plans import data_budget_mb
+
+    return data_budget_mb(load_config(config, ["cache.mode=cache"]))
 
 
 def run_row(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -330,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=REPEATS,
                         help="cache-mode runs per size, interleaved across sizes; their median is the row's")
+    parser.add_argument("--budget-mb", type=int, default=BUDGET_MB,
+                        help="after the runs, one more run per size with ray.data_object_store_mb set to this")
     parser.add_argument("--runs-only", action="store_true",
                         help="train again from the caches an earlier run left in --work; keep that result's embed rows")
     parser.add_argument("--shuffle-probe", metavar="CONFIG", help=argparse.SUPPRESS)  # shuffle_cost's own process
@@ -357,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if head.returncode != 0:
         raise SystemExit(f"ray start failed: {head.stderr}")
     address = re.search(r"--address='([^']+)'", head.stdout).group(1)
-    rows, shuffles = [], []
+    rows, shuffles, budget = [], [], []
     try:
         embeds = [embed_row(n, work / f"n{n}", names, teacher, address, earlier) for n in args.sizes]
         # Interleaved (10k, 100k, 1M, 10k, ...): whatever else slows the machine for a while hits every size.
@@ -367,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[n].append(run_once(n, work / f"n{n}", address))
         for embed, n in zip(embeds, args.sizes):
             rows.extend([embed, run_row(n, runs[n])])
+        for n in args.sizes:
+            run = run_once(n, work / f"n{n}", address, (f"ray.data_object_store_mb={args.budget_mb}",))
+            budget.append({"images": n, "data_object_store_mb": args.budget_mb,
+                           **{key: run[key] for key in ("object_store_training_peak_mb", "samples_per_s")}})
         for n in args.sizes:
             log(f"{n:,} images: an epoch's first batch with train.shuffle files, then global")
             shuffles.append({"images": n, **shuffle_cost(work / f"n{n}" / "scale.yaml", address)})
@@ -386,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     obj = result("scale", {"sizes": args.sizes, "test_images": TEST_IMAGES, "distinct_files": DISTINCT_FILES,
                            "run_steps": RUN_STEPS, "run_repeats": args.repeats, "ray_cpus": CPUS, "image_px": 16, "teacher": "test preset, 16 px, d=16",
-                           "data_object_store_mb": Config().ray.data_object_store_mb},
-                 rows=rows, shuffle=shuffles, ratios_largest_vs_smallest=ratios)
+                           "data_object_store_mb": Config().ray.data_object_store_mb,
+                           "data_budget_mb": budget_of(work / f"n{max(args.sizes)}" / "scale.yaml")},
+                 rows=rows, shuffle=shuffles, budget=budget, ratios_largest_vs_smallest=ratios)
     write_result(obj, args.out)
     print(table(["command", "images", "driver peak RSS MB", "object store peak MB", "training: object store peak MB",
                  "seconds", "s/image or samples/s"],

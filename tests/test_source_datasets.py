@@ -405,3 +405,20 @@ def test_one_worker_reads_its_epoch_through_a_split_coordinator_in_order():
                                          batch_size=64, window=0))
     assert values == [10 * k for k in range(384)]  # every full batch of 64, in the dataset's order
     assert threads == set()
+
+
+def test_batches_without_a_shuffle_window_are_writable_copies():
+    # Without a window (train.shuffle_buffer: 0) the rows are not permuted, so no copy of Ray's read-only
+    # zero-copy arrays was made: torch warned that its tensors would share memory it may not write.
+    import warnings
+
+    from raydistill.pipeline.train_loop import epoch_batches, worker_shard
+
+    ds = ray.data.range(256, override_num_blocks=4).map_batches(
+        lambda b: {"pixels": np.repeat(b["id"][:, None], 3, axis=1), "v": b["id"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = list(epoch_batches(worker_shard(ds, rank=0, world=1), rank=0, seed=0, epoch=0, batch_size=64,
+                                     window=0))
+    assert [int(v) for b in batches for v in b["v"]] == list(range(256))
+    assert all(b["pixels"].shape == (64, 3) and b["pixels"].numpy().flags.writeable for b in batches)

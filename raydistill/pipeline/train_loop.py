@@ -96,7 +96,8 @@ def epoch_batches(source: Any, rank: int, seed: int, epoch: int, batch_size: int
             rows = {key: np.concatenate([carry[key], rows[key]]) for key in rows}
         n = len(rows["pixels"])
         for start in range(0, n - batch_size + 1, batch_size):
-            yield {key: torch.from_numpy(np.ascontiguousarray(value[start:start + batch_size]))
+            # Rows not permuted are Ray's read-only zero-copy arrays: a tensor must own writable memory.
+            yield {key: torch.from_numpy(np.require(value[start:start + batch_size], requirements="CW"))
                    for key, value in rows.items()}
         rest = n % batch_size
         carry = {key: value[n - rest:] for key, value in rows.items()} if rest else None
