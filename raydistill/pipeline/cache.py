@@ -249,11 +249,12 @@ class EmbeddingCache:
         return ds.select_columns(columns) if columns is not None else ds
 
     def ids_dataset(self, split: str) -> Any | None:
-        """The cached image ids of ``split`` as a Ray dataset (for an anti-join), or None when there are none."""
+        """The cached ``split`` and ``image_id`` of ``split``'s rows as a Ray dataset (for an anti-join), or None
+        when there are none."""
         import ray.data
 
         files = self._uris(self.part_files(split))
-        return ray.data.read_parquet(files).select_columns(["image_id"]) if files else None
+        return ray.data.read_parquet(files).select_columns(["split", "image_id"]) if files else None
 
     def count(self, split: str) -> dict[str, int]:
         """Rows, captions and the id hash (:func:`id_hash`) of one split's parts, in one Ray pass."""

@@ -263,8 +263,8 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     """Fill the cache for whole ``splits`` in one teacher pass and finalise each: only the images the cache
     lacks reach the teacher.
 
-    Each split's source rows are anti-joined with its cached ids (Ray Data's hash join) when it has some; the
-    splits' rows then go through one decode stage and one actor pool, and the embeddings are written as parts;
+    The splits' source rows are read once and anti-joined with the cached (split, image id) pairs (Ray Data's
+    hash join) when there are some; they then go through one decode stage and one actor pool, and the embeddings are written as parts;
     what comes back to this process is one count per batch. Splits already complete are skipped.
 
     Returns:
@@ -280,15 +280,15 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     todo = [s for s in dict.fromkeys(splits) if s not in done]
     if not todo:
         return stats
-    parts, resumed = [], set()
-    for split in todo:
-        rows = source_dataset(cfg, [split])
-        cached = cache.ids_dataset(split)
-        if cached is not None:
-            rows = rows.join(cached, join_type="left_anti", num_partitions=cfg.ray.shuffle_partitions, on=("image_id",))
-            resumed.add(split)
-        parts.append(rows)
-    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # One read of the source for all the pass's splits: a read per split would read and group the whole
+    # manifest once for each (at 1M images the test split's own read held more of the store than the teacher).
+    rows = source_dataset(cfg, todo)
+    cached = {split: ids for split in todo if (ids := cache.ids_dataset(split)) is not None}
+    resumed = set(cached)
+    if cached:
+        ids = list(cached.values())
+        rows = rows.join(ids[0].union(*ids[1:]) if len(ids) > 1 else ids[0], join_type="left_anti",
+                         num_partitions=cfg.ray.shuffle_partitions, on=("split", "image_id"))
     total = sum(plan.expected[s]["images"] for s in todo)
     log(f"teacher pass over {', '.join(repr(s) for s in todo)}: {total} images"
         + (f" (resuming {sorted(resumed)}: only what the cache lacks)" if resumed else ""))
