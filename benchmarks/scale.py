@@ -7,7 +7,9 @@ one-machine settings raydistill gives its own local instances: ``ray_env.LOCAL_R
 
 - ``raydistill embed CONFIG --json``: fills the embedding cache with a tiny teacher (every image once);
 - ``raydistill run CONFIG cache.mode=cache --json``: a fixed number of training steps from the cache, repeated
-  (``--repeats``, 3 by default) with the sizes interleaved; the row holds the median and every run's value.
+  (``--repeats``, 3 by default) with the sizes interleaved; the row holds the median and every run's value;
+  then one more run per size with ``ray.data_object_store_mb`` set to ``--budget-mb`` (64: ``budget`` in the
+  result), whose training peak shows how the store follows the budget.
 
 Each command is its own process (the driver). Measured per command: the driver's peak RSS (sampled every
 0.2 s), the object store's peak use on the instance (sampled the same way), wall seconds, and for ``embed``
