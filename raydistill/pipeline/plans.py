@@ -264,8 +264,9 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     lacks reach the teacher.
 
     The splits' source rows are read once and anti-joined with the cached (split, image id) pairs (Ray Data's
-    hash join) when there are some; they then go through one decode stage and one actor pool, and the embeddings are written as parts;
-    what comes back to this process is one count per batch. Splits already complete are skipped.
+    hash join) when there are some; they then go through one decode stage and one actor pool, and the
+    embeddings are written as parts; what comes back to this process is one count per batch. Splits already
+    complete are skipped.
 
     Returns:
         Per split, the cache's ``images`` and ``captions`` (and ``duplicates_removed``).
@@ -286,8 +287,8 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     cached = {split: ids for split in todo if (ids := cache.ids_dataset(split)) is not None}
     resumed = set(cached)
     if cached:
-        ids = list(cached.values())
-        rows = rows.join(ids[0].union(*ids[1:]) if len(ids) > 1 else ids[0], join_type="left_anti",
+        first, *rest = cached.values()
+        rows = rows.join(first.union(*rest) if rest else first, join_type="left_anti",
                          num_partitions=cfg.ray.shuffle_partitions, on=("split", "image_id"))
     total = sum(plan.expected[s]["images"] for s in todo)
     log(f"teacher pass over {', '.join(repr(s) for s in todo)}: {total} images"
