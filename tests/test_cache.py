@@ -143,6 +143,23 @@ def test_a_first_pass_that_delivered_every_image_is_not_read_back(tmp_path: Path
     assert cache.finalize("val", 1, id_hash(["c"]), delivered=wrong)["images"] == 1
 
 
+
+def test_a_train_workers_split_coordinator_runs_the_split_with_held_queues(tmp_path: Path) -> None:
+    # A Train worker reads its epoch through a split coordinator, an actor of its own whose process runs Ray
+    # Data's executor: the budgeted pipeline's back-pressure must reach it with the dataset, not stay in the
+    # worker's process.
+    from ray.data._internal.execution.backpressure_policy import ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY
+
+    from raydistill.pipeline.backpressure import HeldQueues
+    from raydistill.pipeline.train_loop import worker_shard
+
+    cache = _cache(tmp_path)
+    for k in range(3):
+        cache.write_part(_rows([f"s{k}-{i}" for i in range(5)]), DIM)
+    shard = worker_shard(cache.split_dataset("train", ["image_id"]), 0, 1)
+    assert HeldQueues in shard.get_context().get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
+    assert sorted(r["image_id"] for r in shard.iter_rows()) == sorted(f"s{k}-{i}" for k in range(3) for i in range(5))
+
 def test_a_budgeted_read_of_a_split_is_many_tasks_of_about_a_block(tmp_path: Path, monkeypatch) -> None:
     # Ray Data packs Parquet files into read tasks of up to 128 MiB of rows, and a task streams its blocks out
     # whatever the pipeline's budget: under a budget each task reads about one block's worth of parts, so that

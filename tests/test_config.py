@@ -158,43 +158,35 @@ def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048
                              "should be 'auto'"
 
 
-def test_a_budgeted_pipeline_holds_each_output_queue_to_what_its_consumer_has_in_flight(monkeypatch) -> None:
-    # Ray Data applies its downstream-capacity rule only once an operator has used half its share of the budget,
-    # which includes the budget's shared part: cache rows queued ahead of decoding until they filled it. Under a
-    # budget raydistill applies the rule always, in this process and in the fresh ones that build plans later.
-    import os
-    import subprocess
-    import sys
 
+def test_a_budgeted_pipeline_holds_each_output_queue_to_what_its_consumer_has_in_flight(monkeypatch) -> None:
+    # Ray Data applies its downstream-capacity rule only once an operator uses half its share of the budget, which
+    # includes the budget's shared part: cache rows queued ahead of decoding until they filled it. Under a budget
+    # the dataset's context carries the rule applied always, in place of Ray's and beside its other policies.
     import ray.data
-    from ray.data._internal.execution.backpressure_policy.downstream_capacity_backpressure_policy import (
-        DownstreamCapacityBackpressurePolicy as Policy,
+    from ray.data._internal.execution.backpressure_policy import (
+        ENABLED_BACKPRESSURE_POLICIES as RAYS,
+        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY as KEY,
+        DownstreamCapacityBackpressurePolicy,
     )
 
-    from raydistill.pipeline.plans import QUEUE_THRESHOLD_ENV, configure_data_context
+    from raydistill.pipeline.backpressure import THRESHOLD_ENV, HeldQueues
+    from raydistill.pipeline.plans import configure_data_context
 
-    monkeypatch.setenv(QUEUE_THRESHOLD_ENV, "unset below, restored after the test")
-    monkeypatch.delenv(QUEUE_THRESHOLD_ENV)
-    monkeypatch.setattr(Policy, "OBJECT_STORE_BUDGET_UTIL_THRESHOLD", 0.5)  # Ray's default
-    before = ray.data.DataContext._set_current(ray.data.DataContext())
-    try:
-        configure_data_context(config_from_dict({"ray": {"data_object_store_mb": None}}))
-        assert Policy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.5 and QUEUE_THRESHOLD_ENV not in os.environ
-        configure_data_context(config_from_dict({}))
-        assert Policy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.0 and os.environ[QUEUE_THRESHOLD_ENV] == "0"
-        monkeypatch.setenv(QUEUE_THRESHOLD_ENV, "0.25")  # the user's value wins
-        configure_data_context(config_from_dict({}))
-        assert Policy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.25
-    finally:
-        ray.data.DataContext._set_current(before)
-    # A Train worker configures its plans before its Ray Data first executes one, which reads the variable.
-    monkeypatch.delenv(QUEUE_THRESHOLD_ENV)
-    fresh = subprocess.run(
-        [sys.executable, "-c",
-         "from raydistill.config import config_from_dict\n"
-         "from raydistill.pipeline.plans import configure_data_context\n"
-         "configure_data_context(config_from_dict({}))\n"
-         "from ray.data._internal.execution.backpressure_policy import downstream_capacity_backpressure_policy as p\n"
-         "print(p.DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD)"],
-        capture_output=True, text=True, check=True)
-    assert fresh.stdout.strip() == "0.0"
+    monkeypatch.delenv(THRESHOLD_ENV, raising=False)
+
+    def policies(budget_mb: int | str | None) -> list[type]:
+        before = ray.data.DataContext._set_current(ray.data.DataContext())
+        try:
+            configure_data_context(config_from_dict({"ray": {"data_object_store_mb": budget_mb}}))
+            configure_data_context(config_from_dict({"ray": {"data_object_store_mb": budget_mb}}))  # idempotent
+            return ray.data.DataContext.get_current().get_config(KEY, RAYS)
+        finally:
+            ray.data.DataContext._set_current(before)
+
+    held = policies("auto")
+    assert held == [HeldQueues if p is DownstreamCapacityBackpressurePolicy else p for p in RAYS] != RAYS
+    assert HeldQueues.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.0 and len(held) == len(RAYS) == 3
+    assert policies(None) == RAYS  # no budget: Ray Data's own settings
+    monkeypatch.setenv(THRESHOLD_ENV, "0.25")  # the user set Ray's threshold: Ray's policy reads it
+    assert policies("auto") == RAYS

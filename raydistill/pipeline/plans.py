@@ -80,6 +80,8 @@ def configure_data_context(cfg: Config) -> None:
     """Ray Data settings of every plan built in this process (the driver, or a Train worker)."""
     import ray.data
 
+    from raydistill.pipeline.backpressure import THRESHOLD_ENV, hold_queues
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
@@ -105,12 +107,10 @@ def configure_data_context(cfg: Config) -> None:
         # training. Read tasks of one block each leave the budget in charge. (Read where the plan is built,
         # in this process; a value the user set wins.)
         os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(ctx.target_max_block_size))
-        # Ray Data holds an operator's output queue to a few of its consumer's inputs in flight only once the
-        # operator has used half its share of the budget, and that share includes a part of the budget that
-        # all operators share: light cache rows (ids, captions, embeddings) queued ahead of decoding until they
-        # filled it, a quarter of a million-image epoch. Always applying the rule makes read-ahead a number of
-        # tasks' inputs, the same at any dataset size. (A value the user set wins.)
-        always_hold_queues(os.environ.setdefault(QUEUE_THRESHOLD_ENV, "0"))
+        # Each stage reads ahead by a number of its consumer's inputs, not until the budget is full (see
+        # raydistill.pipeline.backpressure). (Ray's own threshold, if the user set it, wins.)
+        if THRESHOLD_ENV not in os.environ:
+            hold_queues(ctx)
         # A hash shuffle (a manifest's rows grouped by image, the cache's anti-join, the shards' duplicate-id
         # check) is exempt from the budget: it buffers up to 1 GiB of input before partitioning it, and keeps
         # every shard in the object store until its reducers run, which is the whole source at any size. Shards
@@ -118,21 +118,6 @@ def configure_data_context(cfg: Config) -> None:
         if "RAY_DATA_ENABLE_DISK_SHUFFLE" not in os.environ:
             ctx.use_disk_based_hash_shuffle = True
         ctx.shuffle_input_batch_bytes = min(ctx.shuffle_input_batch_bytes, ctx.target_max_block_size)
-
-
-#: Ray Data's share of its budget an operator must use before its output queue is held to what its consumer has
-#: in flight (``DownstreamCapacityBackpressurePolicy``; Ray's default 0.5), read when Ray Data first executes.
-QUEUE_THRESHOLD_ENV = "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"
-
-
-def always_hold_queues(threshold: str) -> None:
-    """Give :data:`QUEUE_THRESHOLD_ENV`'s value to a process whose Ray Data has already executed a plan (it read
-    the variable then; a fresh process reads it from the environment)."""
-    import sys
-
-    policy = sys.modules.get("ray.data._internal.execution.backpressure_policy.downstream_capacity_backpressure_policy")
-    if policy is not None:
-        policy.DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = float(threshold)
 
 
 #: The largest block (MiB) of a budgeted pipeline. A Parquet read fills blocks up to the largest size, and each
