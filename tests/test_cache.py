@@ -4,6 +4,7 @@ Ray pass that keeps counts only, key checks that say which part differs, and cac
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +161,11 @@ def test_a_train_workers_split_coordinator_runs_the_split_with_held_queues(tmp_p
     assert HeldQueues in shard.get_context().get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
     assert sorted(r["image_id"] for r in shard.iter_rows()) == sorted(f"s{k}-{i}" for k in range(3) for i in range(5))
 
-def test_a_budgeted_read_of_a_split_is_many_tasks_of_about_a_block(tmp_path: Path, monkeypatch) -> None:
+def test_an_epoch_reads_the_cache_a_part_per_task_and_other_reads_a_block_per_task(tmp_path: Path, monkeypatch) -> None:
     # Ray Data packs Parquet files into read tasks of up to 128 MiB of rows, and a task streams its blocks out
-    # whatever the pipeline's budget: under a budget each task reads about one block's worth of parts, so that
-    # the budget decides how far reading runs ahead of training.
+    # whatever the pipeline's budget. A split's rows (an epoch, an evaluation) are read a part per task: a part is
+    # a teacher batch, a block the decode stage takes whole, so light rows do not wait for decoding in the store.
+    # Other Parquet reads (a manifest's) take tasks of about one block under a budget.
     import re
 
     from raydistill.config import config_from_dict
@@ -175,18 +177,25 @@ def test_a_budgeted_read_of_a_split_is_many_tasks_of_about_a_block(tmp_path: Pat
     saved = ray.data.DataContext.get_current().copy()
     monkeypatch.delenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", raising=False)
 
-    def read_tasks(budget_mb: int | None) -> tuple[int, int]:
+    def read_tasks(budget_mb: int | None, read) -> tuple[int, int]:
         ray.data.DataContext._set_current(saved.copy())
         configure_data_context(config_from_dict({"ray": {"data_object_store_mb": budget_mb}}))
-        ds = cache.split_dataset("train").materialize()
+        ds = read().materialize()
         tasks = re.search(r"ReadFilesParquetV2\S*: (\d+) tasks executed", ds.stats())
         return int(tasks.group(1)), ds.count()
 
+    def whole_files():  # the same files read whole, as a Parquet manifest is
+        return ray.data.read_parquet(cache.part_files("train"))
+
     try:
-        unbudgeted = read_tasks(None)
+        # Ray Data's packing alone: one task reads every part
+        assert read_tasks(None, whole_files) == (1, 9600)
         # A budget of 1 MiB: blocks of at most 256 KiB, and read tasks of about one block each.
-        budgeted = read_tasks(1)
+        tasks, rows = read_tasks(1, whole_files)
+        assert rows == 9600 and 4 <= tasks < 24
+        before = dict(os.environ)
+        for budget_mb in (None, 1):
+            assert read_tasks(budget_mb, lambda: cache.split_dataset("train")) == (24, 9600)
+            assert dict(os.environ) == before  # the read's own packing is not left behind
     finally:
         ray.data.DataContext._set_current(saved)
-    assert unbudgeted == (1, 9600)  # Ray Data's packing alone: one task reads every part
-    assert budgeted[1] == 9600 and budgeted[0] >= 4

@@ -374,6 +374,9 @@ def test_decode_splits_a_large_block_across_tasks_in_order(monkeypatch):
     ids = [i for block in blocks for i in block.column("image_id").to_pylist()]
     assert ids == [f"img{k:03d}" for k in range(250)]
     assert all(tuple(block.column("pixels").type.shape) == (16, 16, 3) for block in blocks)
+    # A cache's parts, read a part per task, are decoded a part per task.
+    whole = plans.decoded(rows, config_from_dict({}), {"pixels": 16}, None, count_bad=False, regroup=False)
+    assert [ray.get(ref).num_rows for bundle in whole.iter_internal_ref_bundles() for ref in bundle.block_refs] == [250]
 
 
 def test_one_worker_reads_its_epoch_through_a_split_coordinator_in_order():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ from raydistill.paths import is_remote_uri
 
 SCHEMA_VERSION = 2
 KEY_PARTS = ("schema_version", "teacher", "preprocessing", "dataset")
+#: Ray Data 2.60's largest read task of a Parquet dataset, in bytes of row groups.
+BIN_PACKING_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
 
 
 class CacheError(UserError, ValueError):
@@ -239,13 +242,29 @@ class EmbeddingCache:
         return written
 
     def split_dataset(self, split: str, columns: list[str] | None = None) -> Any:
-        """One split's cached rows as a Ray dataset read in tasks (``t_txt`` flattened: n_captions x d)."""
+        """One split's cached rows as a Ray dataset read a part per task (``t_txt`` flattened: n_captions x d).
+
+        A part holds one teacher batch of rows, a block the decode stage can take whole. Read in tasks of many
+        parts, the light rows (ids, captions, embeddings) had to be cut into decoding-sized blocks by one more
+        stage, and waited there for decoding, as many as the pipeline's budget allowed: a quarter of a
+        million-image epoch, none of a small one. A part per task reads no further ahead than decoding asks.
+        """
         import ray.data
 
         files = self._uris(self.part_files(split))
         if not files:
             raise CacheError(f"embedding cache {self.uri} holds no rows of split {split!r}")
-        ds = ray.data.read_parquet(files)
+        # Ray Data packs a Parquet read's row groups into read tasks of up to this many bytes, read when the plan
+        # is built; a part is one row group, and a bin of one byte holds one.
+        previous = os.environ.get(BIN_PACKING_ENV)
+        os.environ[BIN_PACKING_ENV] = "1"
+        try:
+            ds = ray.data.read_parquet(files)
+        finally:
+            if previous is None:
+                del os.environ[BIN_PACKING_ENV]
+            else:
+                os.environ[BIN_PACKING_ENV] = previous
         return ds.select_columns(columns) if columns is not None else ds
 
     def ids_dataset(self, split: str) -> Any | None:

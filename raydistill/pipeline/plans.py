@@ -104,8 +104,9 @@ def configure_data_context(cfg: Config) -> None:
         ctx.target_max_block_size = max_block_bytes(limit, ctx.target_max_block_size)
         # Ray Data packs a Parquet read's files into read tasks of up to 128 MiB of rows, and a task streams all
         # its blocks out whatever the budget: two tasks read a million-image cache's whole epoch ahead of
-        # training. Read tasks of one block each leave the budget in charge. (Read where the plan is built,
-        # in this process; a value the user set wins.)
+        # training. Read tasks of one block each leave the budget in charge (a manifest's, the cache's ids; an
+        # epoch reads the cache a part per task). (Read where the plan is built, in this process; a value the
+        # user set wins.)
         os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(ctx.target_max_block_size))
         # Each stage reads ahead by a number of its consumer's inputs, not until the budget is full (see
         # raydistill.pipeline.backpressure). (Ray's own threshold, if the user set it, wins.)
@@ -189,10 +190,17 @@ def shuffled(ds: Any, cfg: Config, epoch: int) -> Any:
     return keyed.sort("order", boundaries=boundaries).drop_columns(["order"])
 
 
-def decoded(ds: Any, cfg: Config, sizes: dict[str, int], counters: Counters | None, count_bad: bool) -> Any:
-    """Decode and resize images in Ray Data CPU tasks, once, to each size in ``sizes``."""
+def decoded(ds: Any, cfg: Config, sizes: dict[str, int], counters: Counters | None, count_bad: bool,
+            regroup: bool = True) -> Any:
+    """Decode and resize images in Ray Data CPU tasks, once, to each size in ``sizes``.
+
+    ``regroup``: cut ``ds``'s blocks into blocks of at most :data:`DECODE_BLOCK_ROWS` rows first (a source's or a
+    shuffle's blocks); False for a cache's parts read a part per task, already blocks of a teacher batch.
+    """
     d = cfg.data
-    return ds.repartition(target_num_rows_per_block=DECODE_BLOCK_ROWS).map_batches(
+    if regroup:
+        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_ROWS)
+    return ds.map_batches(
         decode_batch,
         batch_format="numpy",
         batch_size=DECODE_BATCH,
@@ -340,7 +348,7 @@ def train_epoch_dataset(plan: DataPlan, epoch: int) -> Any:
     from_cache = plan.train_from == "cache" or (plan.train_from == "stream" and epoch > 0 and cfg.cache.write_through)
     if from_cache:
         image_rows = decoded(shuffled(plan.teacher.cache.split_dataset(split), cfg, epoch), cfg, pixels,
-                             plan.counters, count_bad=False)
+                             plan.counters, count_bad=False, regroup=cfg.train.shuffle == "global")
     elif plan.train_from == "stream":
         sizes = {"image": cfg.data.decode_size, **pixels}
         image_rows = decoded(shuffled(source_dataset(cfg, [split]), cfg, epoch), cfg, sizes, plan.counters,
