@@ -197,5 +197,7 @@ def test_an_epoch_reads_the_cache_a_part_per_task_and_other_reads_a_block_per_ta
         for budget_mb in (None, 1):
             assert read_tasks(budget_mb, lambda: cache.split_dataset("train")) == (24, 9600)
             assert dict(os.environ) == before  # the read's own packing is not left behind
+        # Rows sorted before decoding (train.shuffle: global) are read as other reads are: fewer tasks to exchange.
+        assert read_tasks(1, lambda: cache.split_dataset("train", part_per_task=False)) == (tasks, 9600)
     finally:
         ray.data.DataContext._set_current(saved)

@@ -241,28 +241,31 @@ class EmbeddingCache:
             written.append(path)
         return written
 
-    def split_dataset(self, split: str, columns: list[str] | None = None) -> Any:
-        """One split's cached rows as a Ray dataset read a part per task (``t_txt`` flattened: n_captions x d).
+    def split_dataset(self, split: str, columns: list[str] | None = None, part_per_task: bool = True) -> Any:
+        """One split's cached rows as a Ray dataset read in tasks (``t_txt`` flattened: n_captions x d).
 
-        A part holds one teacher batch of rows, a block the decode stage can take whole. Read in tasks of many
-        parts, the light rows (ids, captions, embeddings) had to be cut into decoding-sized blocks by one more
-        stage, and waited there for decoding, as many as the pipeline's budget allowed: a quarter of a
-        million-image epoch, none of a small one. A part per task reads no further ahead than decoding asks.
+        ``part_per_task``: a task reads one part, a teacher batch of rows and a block the decode stage can take
+        whole. Read in tasks of many parts, the light rows (ids, captions, embeddings) had to be cut into
+        decoding-sized blocks by one more stage, and waited there for decoding, as many as the pipeline's
+        budget allowed: a quarter of a million-image epoch, none of a small one. A part per task reads no
+        further ahead than decoding asks. False (rows sorted before decoding, which regroups them anyway): tasks
+        as Ray Data packs them, fewer for the sort to exchange.
         """
         import ray.data
 
         files = self._uris(self.part_files(split))
         if not files:
             raise CacheError(f"embedding cache {self.uri} holds no rows of split {split!r}")
-        # Ray Data packs a Parquet read's row groups into read tasks of up to this many bytes, read when the plan
-        # is built; a part is one row group, and a bin of one byte holds one.
         previous = os.environ.get(BIN_PACKING_ENV)
-        os.environ[BIN_PACKING_ENV] = "1"
+        if part_per_task:
+            # Ray Data packs a Parquet read's row groups into read tasks of up to this many bytes, read when the
+            # plan is built; a part is one row group, and a bin of one byte holds one.
+            os.environ[BIN_PACKING_ENV] = "1"
         try:
             ds = ray.data.read_parquet(files)
         finally:
             if previous is None:
-                del os.environ[BIN_PACKING_ENV]
+                os.environ.pop(BIN_PACKING_ENV, None)
             else:
                 os.environ[BIN_PACKING_ENV] = previous
         return ds.select_columns(columns) if columns is not None else ds

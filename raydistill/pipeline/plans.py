@@ -347,8 +347,9 @@ def train_epoch_dataset(plan: DataPlan, epoch: int) -> Any:
     pixels = {"pixels": plan.student_size}
     from_cache = plan.train_from == "cache" or (plan.train_from == "stream" and epoch > 0 and cfg.cache.write_through)
     if from_cache:
-        image_rows = decoded(shuffled(plan.teacher.cache.split_dataset(split), cfg, epoch), cfg, pixels,
-                             plan.counters, count_bad=False, regroup=cfg.train.shuffle == "global")
+        sort = cfg.train.shuffle == "global"  # the sort regroups the rows: fewer, larger read tasks
+        image_rows = decoded(shuffled(plan.teacher.cache.split_dataset(split, part_per_task=not sort), cfg, epoch),
+                             cfg, pixels, plan.counters, count_bad=False, regroup=sort)
     elif plan.train_from == "stream":
         sizes = {"image": cfg.data.decode_size, **pixels}
         image_rows = decoded(shuffled(source_dataset(cfg, [split]), cfg, epoch), cfg, sizes, plan.counters,
