@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from raydistill.config import Config
-from raydistill.pipeline.cache import EmbeddingCache
+from raydistill.pipeline.cache import BIN_PACKING_ENV, EmbeddingCache
 from raydistill.pipeline.counters import Counters
 from raydistill.pipeline.progress import counted, log, watch
 from raydistill.pipeline.rows import decode_batch, explode_batch
@@ -107,7 +107,7 @@ def configure_data_context(cfg: Config) -> None:
         # training. Read tasks of one block each leave the budget in charge (a manifest's, the cache's ids; an
         # epoch reads the cache a part per task). (Read where the plan is built, in this process; a value the
         # user set wins.)
-        os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(ctx.target_max_block_size))
+        os.environ.setdefault(BIN_PACKING_ENV, str(ctx.target_max_block_size))
         # Each stage reads ahead by a number of its consumer's inputs, not until the budget is full (see
         # raydistill.pipeline.backpressure). (Ray's own threshold, if the user set it, wins.)
         if THRESHOLD_ENV not in os.environ:
