@@ -144,7 +144,6 @@ def test_a_first_pass_that_delivered_every_image_is_not_read_back(tmp_path: Path
     assert cache.finalize("val", 1, id_hash(["c"]), delivered=wrong)["images"] == 1
 
 
-
 def test_a_train_workers_split_coordinator_runs_the_split_with_held_queues(tmp_path: Path) -> None:
     # A Train worker reads its epoch through a split coordinator, an actor of its own whose process runs Ray
     # Data's executor: the budgeted pipeline's back-pressure must reach it with the dataset, not stay in the
@@ -160,6 +159,7 @@ def test_a_train_workers_split_coordinator_runs_the_split_with_held_queues(tmp_p
     shard = worker_shard(cache.split_dataset("train", ["image_id"]), 0, 1)
     assert HeldQueues in shard.get_context().get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
     assert sorted(r["image_id"] for r in shard.iter_rows()) == sorted(f"s{k}-{i}" for k in range(3) for i in range(5))
+
 
 def test_an_epoch_reads_the_cache_a_part_per_task_and_other_reads_a_block_per_task(tmp_path: Path, monkeypatch) -> None:
     # Ray Data packs Parquet files into read tasks of up to 128 MiB of rows, and a task streams its blocks out

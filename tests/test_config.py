@@ -158,7 +158,6 @@ def test_the_data_budget_is_sixteen_training_batches_of_rows_within_256_and_2048
                              "should be 'auto'"
 
 
-
 def test_a_budgeted_pipeline_holds_each_output_queue_to_what_its_consumer_has_in_flight(monkeypatch) -> None:
     # Ray Data applies its downstream-capacity rule only once an operator uses half its share of the budget, which
     # includes the budget's shared part: cache rows queued ahead of decoding until they filled it. Under a budget

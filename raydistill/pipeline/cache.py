@@ -27,6 +27,7 @@ import json
 import os
 import time
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -256,18 +257,10 @@ class EmbeddingCache:
         files = self._uris(self.part_files(split))
         if not files:
             raise CacheError(f"embedding cache {self.uri} holds no rows of split {split!r}")
-        previous = os.environ.get(BIN_PACKING_ENV)
-        if part_per_task:
-            # Ray Data packs a Parquet read's row groups into read tasks of up to this many bytes, read when the
-            # plan is built; a part is one row group, and a bin of one byte holds one.
-            os.environ[BIN_PACKING_ENV] = "1"
-        try:
+        # Ray Data packs a Parquet read's row groups into read tasks of up to this many bytes, read when the plan
+        # is built; a part is one row group, and a bin of one byte holds one. The process's setting comes back after.
+        with mock.patch.dict(os.environ, {BIN_PACKING_ENV: "1"} if part_per_task else {}):
             ds = ray.data.read_parquet(files)
-        finally:
-            if previous is None:
-                os.environ.pop(BIN_PACKING_ENV, None)
-            else:
-                os.environ[BIN_PACKING_ENV] = previous
         return ds.select_columns(columns) if columns is not None else ds
 
     def ids_dataset(self, split: str) -> Any | None:
