@@ -24,7 +24,14 @@ from real_data import COCO, val_jpegs, write_karpathy_from_coco
 from raydistill.config import config_from_dict
 from raydistill.data.images import decode_image
 from raydistill.data.records import DataError
-from raydistill.data.source import check_source, count_splits, source_dataset, source_identity
+from raydistill.data.manifest import estimate_rows
+from raydistill.data.source import (
+    check_source,
+    count_splits,
+    shuffle_partitions,
+    source_dataset,
+    source_identity,
+)
 from raydistill.errors import find_user_error
 from raydistill.pipeline.cache import id_hash
 
@@ -113,6 +120,52 @@ def test_a_budgeted_manifest_groups_its_rows_through_local_disk_a_block_at_a_tim
     rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
     assert [(r["image_id"], sorted(r["captions"])) for r in rows] == [
         (str(jpegs[i].with_suffix("")), [f"file {k} caption {i}" for k in range(4)]) for i in range(2)]
+
+
+def test_a_larger_manifest_is_grouped_in_more_partitions_of_at_most_the_configured_rows(tmp_path: Path):
+    # A partition leaves its reducer as one block that the next stage holds in the object store: a fixed number
+    # of partitions would make the store grow with the manifest. 12 rows at 3 a partition: 4 partitions.
+    jpegs = val_jpegs(3)
+    lines = [{"image": str(jpegs[k % 3]), "caption": f"caption {k:02d}"} for k in range(12)]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    assert estimate_rows(str(manifest)) == 12
+    for per, partitions in ((3, 4), (None, 2), (100, 2)):
+        cfg = config_from_dict({"output_dir": str(tmp_path / "out"), "data": {"source": "manifest", "path": str(manifest)},
+                                "ray": {"shuffle_partitions": 2, "shuffle_partition_rows": per}})
+        ds = source_dataset(cfg, ["train"]).materialize()
+        assert f"DiskHashShuffleMap(keys=('image_id',), partitions={partitions})" in ds.stats()
+        rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
+        assert [(r["image_id"], sorted(r["captions"])) for r in rows] == [
+            (str(jpegs[i].with_suffix("")), [f"caption {k:02d}" for k in range(i, 12, 3)]) for i in range(3)]
+
+
+def test_shuffle_partitions_grow_with_the_rows_past_the_configured_least():
+    cfg = config_from_dict({})  # 16 partitions at least, 5,000 rows each at most
+    assert [shuffle_partitions(cfg, rows) for rows in (0, 10_000, 80_000, 80_001, 1_000_000)] == [16, 16, 16, 17, 200]
+    fixed = config_from_dict({"ray": {"shuffle_partitions": 40, "shuffle_partition_rows": None}})
+    assert shuffle_partitions(fixed, 1_000_000) == 40
+
+
+def test_a_manifests_rows_are_estimated_from_its_footers_or_its_sizes(tmp_path: Path):
+    # Parquet: the footers' row counts, exactly
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for name, n in (("a.parquet", 7), ("b.parquet", 5)):
+        pq.write_table(pa.table({"image": [f"{k}.jpg" for k in range(n)], "caption": ["c"] * n}), folder / name)
+    assert estimate_rows(str(folder)) == 12
+    # JSONL: the files' bytes over the first file's mean line (these lines are all one length)
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    for name, n in (("a.jsonl", 300), ("b.jsonl", 700)):
+        lines = [json.dumps({"image": f"{k:06d}.jpg", "caption": "a caption"}) for k in range(n)]
+        (jsonl / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert estimate_rows(str(jsonl)) == 1000
+    # The head is cut at 64 KiB: 2,000 lines of 48 bytes (96,000) still estimate as 2,000
+    (jsonl / "b.jsonl").unlink()
+    (jsonl / "a.jsonl").write_text("".join(json.dumps({"image": f"{k:06d}.jpg", "caption": "a caption"}) + "\n"
+                                           for k in range(2000)), encoding="utf-8")
+    assert estimate_rows(str(jsonl)) == 2000
 
 
 def test_manifest_parquet_folder_with_bytes_and_paths(tmp_path: Path):

@@ -347,8 +347,17 @@ class RayConfig(_Section):
     shuffle_partitions: int = Field(
         16,
         gt=0,
-        description="Hash partitions of the pipeline's shuffles: grouping a manifest's rows by image, the anti-join "
-        "that finds what a partial cache lacks.",
+        description="Hash partitions of the pipeline's exchanges: grouping a manifest's rows by image and the "
+        "anti-join that finds what a partial cache lacks (at least this many: see shuffle_partition_rows), and "
+        "train.shuffle: global's sort.",
+    )
+    shuffle_partition_rows: int | None = Field(
+        5000,
+        gt=0,
+        description="The most image rows one partition of a source's exchange (grouping a manifest by image, the "
+        "anti-join) holds: a larger source gets more partitions than shuffle_partitions. A partition leaves its "
+        "reducer as one block in the object store, so this bounds the store whatever the dataset's size. null: "
+        "always shuffle_partitions.",
     )
 
 

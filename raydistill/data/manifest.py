@@ -222,8 +222,39 @@ def merge_image_group(group: dict[str, np.ndarray]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
 
 
+def estimate_rows(path: str) -> int:
+    """About how many rows the manifest has, read without its rows: the Parquet footers' counts, or for JSONL the
+    files' sizes over the mean line length in the first file's first 64 KiB."""
+    import pyarrow.parquet as pq
+
+    from raydistill.data.images import open_uri
+
+    files, kind = manifest_files(path)
+    if kind == "parquet":
+        total = 0
+        for name in files:
+            with open_uri(name, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+    head = read_head(files[0], 1 << 16)
+    lines = max(1, head.count(b"\n"))
+    return int(sum(_file_size(name) for name in files) * lines / max(1, len(head)))
+
+
+def _file_size(name: str) -> int:
+    if is_uri(name):
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(name)
+        return int(filesystem.get_file_info(inner).size or 0)
+    return os.path.getsize(name)
+
+
 def manifest_dataset(path: str, image_root: str | None, partitions: int = 16) -> Any:
-    """The manifest's image rows as a Ray dataset (read, checked and grouped in tasks; nothing on the driver)."""
+    """The manifest's image rows as a Ray dataset (read, checked and grouped in tasks; nothing on the driver).
+
+    ``partitions``: of the exchange that groups the rows by image id (see
+    :func:`raydistill.data.source.shuffle_partitions`)."""
     import ray.data
 
     files, kind = manifest_files(path)

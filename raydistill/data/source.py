@@ -111,12 +111,25 @@ def source_identity(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def shuffle_partitions(cfg: Config, rows: int) -> int:
+    """Hash partitions of an exchange of ``rows`` image rows: ``ray.shuffle_partitions``, or more so that none
+    holds more than ``ray.shuffle_partition_rows`` of them.
+
+    A partition leaves its reducer as one block (an image's rows must stay together), and the next stage holds
+    that block in the object store while it works through it: with a fixed number of partitions the store
+    would grow with the dataset.
+    """
+    per = cfg.ray.shuffle_partition_rows
+    least = cfg.ray.shuffle_partitions
+    return max(least, -(-rows // per)) if per else least
+
+
 def _all_rows(cfg: Config) -> Any:
     data = cfg.data
     if data.source == "manifest":
-        from raydistill.data.manifest import manifest_dataset
+        from raydistill.data.manifest import estimate_rows, manifest_dataset
 
-        return manifest_dataset(data.path, data.image_root, cfg.ray.shuffle_partitions)
+        return manifest_dataset(data.path, data.image_root, shuffle_partitions(cfg, estimate_rows(data.path)))
     if data.source == "webdataset":
         from raydistill.data.webdataset import webdataset_dataset
 

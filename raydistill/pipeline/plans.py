@@ -285,7 +285,7 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     Returns:
         Per split, the cache's ``images`` and ``captions`` (and ``duplicates_removed``).
     """
-    from raydistill.data.source import source_dataset
+    from raydistill.data.source import shuffle_partitions, source_dataset
 
     cfg, teacher = plan.cfg, plan.teacher
     assert teacher is not None, "embed_splits needs a teacher"
@@ -300,11 +300,11 @@ def embed_splits(plan: DataPlan, splits: list[str]) -> dict[str, dict[str, int]]
     rows = source_dataset(cfg, todo)
     cached = {split: ids for split in todo if (ids := cache.ids_dataset(split)) is not None}
     resumed = set(cached)
+    total = sum(plan.expected[s]["images"] for s in todo)
     if cached:
         first, *rest = cached.values()
         rows = rows.join(first.union(*rest) if rest else first, join_type="left_anti",
-                         num_partitions=cfg.ray.shuffle_partitions, on=("split", "image_id"))
-    total = sum(plan.expected[s]["images"] for s in todo)
+                         num_partitions=shuffle_partitions(cfg, total), on=("split", "image_id"))
     log(f"teacher pass over {', '.join(repr(s) for s in todo)}: {total} images"
         + (f" (resuming {sorted(resumed)}: only what the cache lacks)" if resumed else ""))
     embedded = with_teacher(decoded(rows, cfg, {"image": cfg.data.decode_size}, plan.counters, count_bad=True),
