@@ -133,6 +133,7 @@ class Sampler:
         self.address = address
         self.rss = 0
         self.stores: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
+        self.failed = 0  # samples the instance did not answer: a peak from few samples would read low
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -143,7 +144,11 @@ class Sampler:
                 self.rss = max(self.rss, self.process.memory_info().rss)
             except Exception:  # noqa: BLE001 - the process ended between two samples
                 pass
-            self.stores.append((time.monotonic(), object_store_used(self.address)))
+            used = object_store_used(self.address)
+            if used is None:
+                self.failed += 1
+            else:
+                self.stores.append((time.monotonic(), used))
             self._stop.wait(0.2)
 
     def store_peak(self, since: float = 0.0) -> int:
@@ -155,16 +160,16 @@ class Sampler:
         self._thread.join()
 
 
-def object_store_used(address: str) -> int:
-    """Bytes in the instance's object store now (the raylets' plasma stores)."""
+def object_store_used(address: str) -> int | None:
+    """Bytes in the instance's object store now (the raylets' plasma stores); None if the instance did not say."""
     from ray._private.internal_api import memory_summary
 
     try:
         text = memory_summary(address=address, stats_only=True)
     except Exception:  # noqa: BLE001 - between two commands the instance may be busy; try again next sample
-        return 0
+        return None
     match = re.search(r"Plasma memory usage (\d+) MiB", text)
-    return int(match.group(1)) * 2**20 if match else 0
+    return int(match.group(1)) * 2**20 if match else None
 
 
 def run_command(args: list[str], address: str) -> tuple[dict[str, Any], float, Sampler, float]:
@@ -236,7 +241,9 @@ def embed_row(n: int, work: Path, names: list[str], teacher: Path, address: str,
     log(f"{n:,} images: raydistill embed")
     embedded, seconds, sampler, _ = run_command(["embed", str(config)], address)
     row = {"command": "embed", "images": n, "driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
-           "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1), "seconds": round(seconds, 1),
+           "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
+           "object_store_samples": len(sampler.stores), "object_store_samples_failed": sampler.failed,
+           "seconds": round(seconds, 1),
            "seconds_per_image": steady_seconds_per_image(work / "cache"),
            "teacher_images_embedded": embedded["teacher_images_embedded"]}
     log(json.dumps(row))
@@ -252,6 +259,7 @@ def run_once(n: int, work: Path, address: str, overrides: tuple[str, ...] = ()) 
     run = {"driver_peak_rss_mb": round(sampler.rss / 2**20, 1),
            "object_store_peak_mb": round(sampler.store_peak() / 2**20, 1),
            "object_store_training_peak_mb": round(sampler.store_peak(since=training) / 2**20, 1),
+           "object_store_samples": len(sampler.stores), "object_store_samples_failed": sampler.failed,
            "seconds": round(seconds, 1), "samples_per_s": round(steady_samples_per_s(ran), 1)}
     log(json.dumps(run))
     return run
@@ -272,6 +280,7 @@ def run_row(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"command": "run", "images": n,
             **{key: max(r[key] for r in runs)
                for key in ("driver_peak_rss_mb", "object_store_peak_mb", "object_store_training_peak_mb")},
+            **{key: sum(r.get(key, 0) for r in runs) for key in ("object_store_samples", "object_store_samples_failed")},
             "seconds": statistics.median(r["seconds"] for r in runs),
             "samples_per_s": round(statistics.median(r["samples_per_s"] for r in runs), 1),
             "seconds_runs": [r["seconds"] for r in runs], "samples_per_s_runs": [r["samples_per_s"] for r in runs]}

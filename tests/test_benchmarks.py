@@ -318,12 +318,12 @@ def test_scaling_efficiency_is_relative_to_the_smallest_worker_count() -> None:
 
 def test_scale_run_row_is_the_median_of_the_repeats_with_the_largest_peaks() -> None:
     runs = [{"driver_peak_rss_mb": 1200.0, "object_store_peak_mb": 180.0, "object_store_training_peak_mb": 170.0,
-             "seconds": 80.0, "samples_per_s": 1500.0},
+             "object_store_samples": 300, "object_store_samples_failed": 0, "seconds": 80.0, "samples_per_s": 1500.0},
             {"driver_peak_rss_mb": 1250.0, "object_store_peak_mb": 150.0, "object_store_training_peak_mb": 150.0,
-             "seconds": 95.0, "samples_per_s": 900.0},
+             "object_store_samples": 350, "object_store_samples_failed": 2, "seconds": 95.0, "samples_per_s": 900.0},
             {"driver_peak_rss_mb": 1210.0, "object_store_peak_mb": 160.0, "object_store_training_peak_mb": 190.0,
-             "seconds": 78.0, "samples_per_s": 1800.0}]
+             "object_store_samples": 290, "object_store_samples_failed": 1, "seconds": 78.0, "samples_per_s": 1800.0}]
     assert scale.run_row(1_000_000, runs) == {
         "command": "run", "images": 1_000_000, "driver_peak_rss_mb": 1250.0, "object_store_peak_mb": 180.0,
-        "object_store_training_peak_mb": 190.0, "seconds": 80.0, "samples_per_s": 1500.0,
-        "seconds_runs": [80.0, 95.0, 78.0], "samples_per_s_runs": [1500.0, 900.0, 1800.0]}
+        "object_store_training_peak_mb": 190.0, "object_store_samples": 940, "object_store_samples_failed": 3,
+        "seconds": 80.0, "samples_per_s": 1500.0, "seconds_runs": [80.0, 95.0, 78.0], "samples_per_s_runs": [1500.0, 900.0, 1800.0]}
