@@ -154,6 +154,10 @@ def test_a_manifests_rows_are_estimated_from_its_footers_or_its_sizes(tmp_path: 
     for name, n in (("a.parquet", 7), ("b.parquet", 5)):
         pq.write_table(pa.table({"image": [f"{k}.jpg" for k in range(n)], "caption": ["c"] * n}), folder / name)
     assert estimate_rows(str(folder)) == 12
+    (folder / "c.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"c\.parquet: not a readable Parquet file"):
+        estimate_rows(str(folder))
+    (folder / "c.parquet").unlink()
     # JSONL: the files' bytes over the first file's mean line (these lines are all one length)
     jsonl = tmp_path / "jsonl"
     jsonl.mkdir()

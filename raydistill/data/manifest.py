@@ -224,7 +224,11 @@ def merge_image_group(group: dict[str, np.ndarray]) -> pa.Table:
 
 def estimate_rows(path: str) -> int:
     """About how many rows the manifest has, read without its rows: the Parquet footers' counts, or for JSONL the
-    files' sizes over the mean line length in the first file's first 64 KiB."""
+    files' sizes over the mean line length in the first file's first 64 KiB.
+
+    Raises:
+        DataError: a Parquet file without a readable footer (named).
+    """
     import pyarrow.parquet as pq
 
     from raydistill.data.images import open_uri
@@ -233,8 +237,11 @@ def estimate_rows(path: str) -> int:
     if kind == "parquet":
         total = 0
         for name in files:
-            with open_uri(name, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+            try:
+                with open_uri(name, "rb") as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"{name}: not a readable Parquet file: {exc}") from None
         return total
     head = read_head(files[0], 1 << 16)
     lines = max(1, head.count(b"\n"))
