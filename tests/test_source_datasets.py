@@ -415,6 +415,33 @@ def test_each_epoch_has_its_own_seeded_order_whatever_the_blocks(tmp_path: Path)
     assert order(seed=0, epoch=0, blocks=3, mode="files") == [f"img{k:03d}" for k in range(200)]
 
 
+def test_a_globally_shuffled_epoch_runs_under_rays_own_queue_rule_and_other_pipelines_keep_held_queues():
+    # Behind the sort, held queues stopped decoding after a million-row epoch's first batch (one batch in two
+    # minutes; 4,905 rows/s under Ray's own rule). The module's context is a budgeted run's (held queues).
+    from ray.data._internal.execution.backpressure_policy import (
+        ENABLED_BACKPRESSURE_POLICIES as RAYS,
+        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY as KEY,
+    )
+
+    from raydistill.pipeline.backpressure import HeldQueues
+    from raydistill.pipeline.plans import shuffled
+
+    def policies(ds) -> list[type]:
+        return ds.context.get_config(KEY, RAYS)
+
+    held = ray.data.DataContext.get_current().get_config(KEY, RAYS)
+    assert HeldQueues in held
+    rows = ray.data.from_items([{"image_id": f"img{k:03d}"} for k in range(50)])
+    cfg = config_from_dict({"train": {"shuffle": "global"}, "ray": {"shuffle_partitions": 2}})
+    epoch = shuffled(rows, cfg, 0).map_batches(lambda batch: batch)  # the stages after it share its context
+    assert policies(epoch) == RAYS and HeldQueues not in policies(epoch)
+    assert sorted(r["image_id"] for r in epoch.take_all()) == [f"img{k:03d}" for k in range(50)]
+    # the process's context, and a pipeline built after, keep the held queues
+    assert ray.data.DataContext.get_current().get_config(KEY, RAYS) == held
+    files = config_from_dict({"train": {"shuffle": "files"}})
+    assert policies(shuffled(ray.data.from_items([{"image_id": "a"}]), files, 0)) == held
+
+
 def test_decode_splits_a_large_block_across_tasks_in_order(monkeypatch):
     # A Parquet read makes blocks of thousands of light rows, and one task decodes a whole block: the decode
     # stage takes blocks of at most DECODE_BLOCK_ROWS images, in the source's order.

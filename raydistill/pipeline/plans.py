@@ -185,9 +185,13 @@ def shuffled(ds: Any, cfg: Config, epoch: int) -> Any:
         return ds
     keyed = ds.map_batches(_order_key, batch_format="numpy", fn_kwargs={"seed": cfg.train.seed, "epoch": epoch})
     # The keys are uniform over [0, 2**63): evenly spaced boundaries split them evenly, with no sampling pass.
+    from raydistill.pipeline.backpressure import release_queues
+
     parts = cfg.ray.shuffle_partitions
     boundaries = [k * (2**63 // parts) for k in range(1, parts)]
-    return keyed.sort("order", boundaries=boundaries).drop_columns(["order"])
+    rows = keyed.sort("order", boundaries=boundaries).drop_columns(["order"])
+    release_queues(rows.context)  # this epoch's pipeline only: a dataset's context is its own copy
+    return rows
 
 
 def decoded(ds: Any, cfg: Config, sizes: dict[str, int], counters: Counters | None, count_bad: bool,
