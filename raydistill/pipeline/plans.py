@@ -183,10 +183,10 @@ def shuffled(ds: Any, cfg: Config, epoch: int) -> Any:
     """The image rows in this epoch's order (``train.shuffle``; see the module docstring)."""
     if cfg.train.shuffle != "global":
         return ds
-    keyed = ds.map_batches(_order_key, batch_format="numpy", fn_kwargs={"seed": cfg.train.seed, "epoch": epoch})
-    # The keys are uniform over [0, 2**63): evenly spaced boundaries split them evenly, with no sampling pass.
     from raydistill.pipeline.backpressure import release_queues
 
+    keyed = ds.map_batches(_order_key, batch_format="numpy", fn_kwargs={"seed": cfg.train.seed, "epoch": epoch})
+    # The keys are uniform over [0, 2**63): evenly spaced boundaries split them evenly, with no sampling pass.
     parts = cfg.ray.shuffle_partitions
     boundaries = [k * (2**63 // parts) for k in range(1, parts)]
     rows = keyed.sort("order", boundaries=boundaries).drop_columns(["order"])
